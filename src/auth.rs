@@ -1,0 +1,1 @@
+//! Credentials (salted PBKDF2 verifiers) and SASL PLAIN.

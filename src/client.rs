@@ -1,0 +1,1 @@
+//! A blocking client (std::net, no runtime) on the sans-IO codec.

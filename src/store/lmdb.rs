@@ -1,0 +1,1 @@
+//! LMDB backend of [`super::MailboxStore`] (heed). The only LMDB code in the crate.
