@@ -1,4 +1,8 @@
 //! Cyrus IMAP formats: mailbox names and dbnames, `mailboxes.db` backends, record codecs and
 //! `ctl_mboxlist` dumps. No tokio here: the tools and the (future) slave share it.
-pub mod mboxname;
+pub mod db;
 pub mod dlist;
+pub mod flat;
+pub mod mboxname;
+pub mod skiplist;
+pub mod twoskip;
