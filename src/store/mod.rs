@@ -78,6 +78,9 @@ pub enum StoreError {
     FeedTruncated { requested: Seq, oldest: Seq },
     #[error("the store's writer has stopped")]
     WriterGone,
+    /// A key the backend cannot hold (empty, or longer than LMDB's 511-byte key limit).
+    #[error("key refused by the store: {0}")]
+    InvalidKey(String),
 }
 
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
@@ -125,7 +128,11 @@ pub trait MailboxStore: Send + Sync + 'static {
 
     /// Create `record` under `name` only if the name is free.
     fn reserve_if_absent(&self, name: &[u8], record: MailboxRecord) -> Result<CasOutcome> {
-        let op = CasOp { name: name.to_vec(), expect: Expect::Absent, new: Some(record) };
+        let op = CasOp {
+            name: name.to_vec(),
+            expect: Expect::Absent,
+            new: Some(record),
+        };
         Ok(self.commit(vec![op])?.remove(0))
     }
 
@@ -136,7 +143,11 @@ pub trait MailboxStore: Send + Sync + 'static {
         revision: Seq,
         new: Option<MailboxRecord>,
     ) -> Result<CasOutcome> {
-        let op = CasOp { name: name.to_vec(), expect: Expect::Revision(revision), new };
+        let op = CasOp {
+            name: name.to_vec(),
+            expect: Expect::Revision(revision),
+            new,
+        };
         Ok(self.commit(vec![op])?.remove(0))
     }
 
