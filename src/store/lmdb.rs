@@ -25,6 +25,8 @@
 //! transaction, commits it with LMDB's default durable commit (fsync; `NOSYNC`, `NOMETASYNC`
 //! and `MAPASYNC` are never set), and only then runs the `done` callbacks and the commit hook.
 //! So N concurrent callers share one fsync, and throughput grows with concurrency.
+//! Callbacks run on the writer thread: they must not block (a blocking `commit` there is
+//! refused with an error rather than deadlocking), and a panic in one is caught and logged.
 //!
 //! # Map size
 //!
@@ -563,6 +565,14 @@ impl LmdbStore {
     }
 
     fn commit_prepared(&self, ops: Vec<Prepared>) -> Result<Vec<CasOutcome>> {
+        if std::thread::current().id() == self.writer_id {
+            // Waiting on the writer from the writer's own thread (a `done` callback or the
+            // commit hook) would never return.
+            return Err(StoreError::Io(io::Error::new(
+                io::ErrorKind::WouldBlock,
+                "a blocking store commit was called from a store callback; use submit there",
+            )));
+        }
         let (tx, rx) = std::sync::mpsc::sync_channel(1);
         self.enqueue(
             ops,
@@ -975,6 +985,16 @@ impl MailboxStore for LmdbStore {
             Some(v) => decode_record(&key, v).map(Some),
             None => Ok(None),
         })
+    }
+
+    /// Blocking; refused (instead of deadlocking) when called from a `done` callback or the
+    /// commit hook, which run on the writer thread.
+    fn commit(&self, ops: Vec<CasOp>) -> Result<Vec<CasOutcome>> {
+        let prepared: Result<Vec<Prepared>> = ops
+            .into_iter()
+            .map(|op| prepare(op.name, Some(op.expect), op.new))
+            .collect();
+        self.commit_prepared(prepared?)
     }
 
     fn submit(&self, ops: Vec<CasOp>, done: CommitDone) {
@@ -1512,6 +1532,28 @@ mod tests {
     }
 
     #[test]
+    fn blocking_commit_from_a_callback_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path());
+        let (tx, rx) = mpsc::channel();
+        let inner = Arc::clone(&store);
+        let op = CasOp {
+            name: b"a".to_vec(),
+            expect: Expect::Absent,
+            new: Some(active("h")),
+        };
+        store.submit(
+            vec![op],
+            Box::new(move |_| {
+                let r = inner.reserve_if_absent(b"b", active("h"));
+                tx.send(matches!(r, Err(StoreError::Io(_)))).unwrap();
+            }),
+        );
+        assert!(rx.recv_timeout(Duration::from_secs(10)).unwrap());
+        assert_eq!(store.get(b"b").unwrap(), None);
+    }
+
+    #[test]
     fn dropping_the_store_from_a_done_callback_does_not_deadlock() {
         let dir = tempfile::tempdir().unwrap();
         let store = open(dir.path());
@@ -1886,6 +1928,73 @@ mod tests {
             );
         }
         assert!(store.last_seq().unwrap() >= 30);
+    }
+
+    /// Re-executed by [`another_process_writes_while_open`]: a second process on the same
+    /// directory, with a tiny map that it must grow, writing mailboxes and a user.
+    #[test]
+    fn writer_child() {
+        let Some(dir) = std::env::var_os("MUPDATE_STORE_WRITER_DIR") else {
+            return;
+        };
+        let opts = LmdbOptions {
+            map_size: 64 * 1024,
+            ..LmdbOptions::default()
+        };
+        let store = LmdbStore::open(Path::new(&dir), opts).unwrap();
+        store
+            .put_user("child", &Verifier::with_salt("pw", 1, [1; 16]))
+            .unwrap();
+        let acl = vec![b'l'; 1000];
+        for batch in 0..10 {
+            let ops = (0..30)
+                .map(|i| CasOp {
+                    name: format!("user.c{}", batch * 30 + i).into_bytes(),
+                    expect: Expect::Absent,
+                    new: Some(MailboxRecord::active(b"h", acl.clone(), 0)),
+                })
+                .collect();
+            store.commit(ops).unwrap();
+        }
+        println!("CHILD DONE {}", store.map_size());
+    }
+
+    #[test]
+    fn another_process_writes_while_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let opts = LmdbOptions {
+            map_size: 64 * 1024,
+            ..LmdbOptions::default()
+        };
+        let store = LmdbStore::open(dir.path(), opts).unwrap();
+        assert_eq!(
+            store.reserve_if_absent(b"user.p", active("h")).unwrap(),
+            CasOutcome::Committed(1)
+        );
+        let out = std::process::Command::new(std::env::current_exe().unwrap())
+            .args(["--exact", "store::lmdb::tests::writer_child", "--nocapture"])
+            .args(["--test-threads", "1"])
+            .env("MUPDATE_STORE_WRITER_DIR", dir.path())
+            .stderr(std::process::Stdio::inherit())
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success() && stdout.contains("CHILD DONE"),
+            "child failed: {stdout}"
+        );
+        // The child grew the map past ours: our next transactions see MDB_MAP_RESIZED and
+        // adopt the new size.
+        assert!(store.get(b"user.c299").unwrap().is_some());
+        assert!(store.map_size() > 64 * 1024);
+        assert!(store.get_user("child").unwrap().unwrap().verify("pw"));
+        // The sequence is shared through `meta`: ours continues after the child's.
+        assert_eq!(store.last_seq().unwrap(), 301);
+        assert_eq!(
+            store.reserve_if_absent(b"user.q", active("h")).unwrap(),
+            CasOutcome::Committed(302)
+        );
+        assert_eq!(store.changes_since(300, 10).unwrap().len(), 2);
     }
 
     // ---- model-based property test -------------------------------------------------------

@@ -96,6 +96,10 @@ pub trait Snapshot: Send {
     fn seq(&self) -> Seq;
     /// Visit records whose key (dbname) starts with `prefix`, in key order, starting strictly
     /// after `after` when given. The visitor gets the internal name and the record and may stop.
+    ///
+    /// `prefix` and `after` are in dbname form: pass `to_dbname(b"user.bob.")`, not the
+    /// internal name. Every record is visited, deleted and intermediate ones too; LIST and
+    /// UPDATE must skip those not [`MailboxRecord::is_listed`].
     fn scan(
         &self,
         prefix: &[u8],
