@@ -78,6 +78,9 @@ pub enum StoreError {
     FeedTruncated { requested: Seq, oldest: Seq },
     #[error("the store's writer has stopped")]
     WriterGone,
+    /// A key the backend cannot hold (empty, or longer than LMDB's 511-byte key limit).
+    #[error("key refused by the store: {0}")]
+    InvalidKey(String),
 }
 
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
@@ -93,6 +96,10 @@ pub trait Snapshot: Send {
     fn seq(&self) -> Seq;
     /// Visit records whose key (dbname) starts with `prefix`, in key order, starting strictly
     /// after `after` when given. The visitor gets the internal name and the record and may stop.
+    ///
+    /// `prefix` and `after` are in dbname form: pass `to_dbname(b"user.bob.")`, not the
+    /// internal name. Every record is visited, deleted and intermediate ones too; LIST and
+    /// UPDATE must skip those not [`MailboxRecord::is_listed`].
     fn scan(
         &self,
         prefix: &[u8],
@@ -125,7 +132,11 @@ pub trait MailboxStore: Send + Sync + 'static {
 
     /// Create `record` under `name` only if the name is free.
     fn reserve_if_absent(&self, name: &[u8], record: MailboxRecord) -> Result<CasOutcome> {
-        let op = CasOp { name: name.to_vec(), expect: Expect::Absent, new: Some(record) };
+        let op = CasOp {
+            name: name.to_vec(),
+            expect: Expect::Absent,
+            new: Some(record),
+        };
         Ok(self.commit(vec![op])?.remove(0))
     }
 
@@ -136,7 +147,11 @@ pub trait MailboxStore: Send + Sync + 'static {
         revision: Seq,
         new: Option<MailboxRecord>,
     ) -> Result<CasOutcome> {
-        let op = CasOp { name: name.to_vec(), expect: Expect::Revision(revision), new };
+        let op = CasOp {
+            name: name.to_vec(),
+            expect: Expect::Revision(revision),
+            new,
+        };
         Ok(self.commit(vec![op])?.remove(0))
     }
 
