@@ -126,7 +126,11 @@ where
     fn item(&mut self, into_key: bool) -> Result<Item, DlistError> {
         let input = self.input;
         let end = input.len();
-        let mut out = std::mem::take(if into_key { &mut self.kbuf } else { &mut self.buf });
+        let mut out = std::mem::take(if into_key {
+            &mut self.kbuf
+        } else {
+            &mut self.buf
+        });
         out.clear();
         let r = match input.get(self.p) {
             Some(b'"') => {
@@ -398,7 +402,6 @@ pub fn parse(input: &[u8]) -> Result<Dlist, DlistError> {
         }
         Ok(())
     })?;
-    drop(place);
     done.ok_or(DlistError {
         offset: input.len(),
         kind: DlistErrorKind::Truncated,
@@ -510,13 +513,22 @@ mod tests {
     #[test]
     fn spec_examples_print() {
         let cases: &[(&[u8], &[u8])] = &[
-            (b"example.com\x1Duser\x1Falice", b"\"example.com\x1Duser\x1Falice\""),
-            (b"user\x1Fbob\x1Fwith space", b"\"user\x1Fbob\x1Fwith space\""),
+            (
+                b"example.com\x1Duser\x1Falice",
+                b"\"example.com\x1Duser\x1Falice\"",
+            ),
+            (
+                b"user\x1Fbob\x1Fwith space",
+                b"\"user\x1Fbob\x1Fwith space\"",
+            ),
             (
                 b"user\x1Fbob\x1Fsay \"hi\"",
                 b"{17+}\r\nuser\x1Fbob\x1Fsay \"hi\"",
             ),
-            (b"user\x1Fbob\x1F100% done", b"{18+}\r\nuser\x1Fbob\x1F100% done"),
+            (
+                b"user\x1Fbob\x1F100% done",
+                b"{18+}\r\nuser\x1Fbob\x1F100% done",
+            ),
             (b"user\x1Fbob", b"user\x1Fbob"),
             (b"", b"\"\""),
             (b"NIL", b"\"NIL\""),
@@ -575,7 +587,10 @@ mod tests {
         );
         // A literal ending the input is refused (Cyrus needs one more byte).
         assert!(parse(b"{2}\r\nab").is_err());
-        assert_eq!(parse(b"{2}\r\nabc").unwrap_err().kind, DlistErrorKind::Trailing);
+        assert_eq!(
+            parse(b"{2}\r\nabc").unwrap_err().kind,
+            DlistErrorKind::Trailing
+        );
         // Errors, not panics.
         for bad in [
             &b""[..],

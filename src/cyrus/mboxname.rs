@@ -68,6 +68,156 @@ pub fn from_dbname(dbname: &[u8]) -> Vec<u8> {
     out
 }
 
+/// The default `deletedprefix` (3.6.1:lib/imapoptions:821).
+pub const DELETED_PREFIX: &[u8] = b"DELETED";
+
+/// Cyrus's parsed form of a name (`mbname_t`): what both Cyrus transforms go through.
+struct MbName<'a> {
+    domain: Option<&'a [u8]>,
+    /// The `%X` deletion time; 0 = not deleted.
+    is_deleted: u32,
+    localpart: Option<Vec<u8>>,
+    boxes: Vec<Vec<u8>>,
+}
+
+/// `strarray_split`: `strtok` semantics, so empty components vanish.
+fn split_nonempty(s: &[u8], sep: u8) -> Vec<Vec<u8>> {
+    s.split(|&b| b == sep)
+        .filter(|c| !c.is_empty())
+        .map(<[u8]>::to_vec)
+        .collect()
+}
+
+/// The shared tail of `mbname_from_intname` and `mbname_from_dbname`: DELETED and user
+/// detection on the components.
+fn classify(domain: Option<&[u8]>, mut boxes: Vec<Vec<u8>>) -> MbName<'_> {
+    let mut is_deleted = 0;
+    if boxes.len() > 2 && boxes[0] == DELETED_PREFIX {
+        boxes.remove(0);
+        let tail = boxes.pop().unwrap_or_default();
+        // strtoul(…, 16) into a time_t, printed later with "%X" of (unsigned).
+        is_deleted = super::entry::c_strtoul(&tail, 16).0 as u32;
+    }
+    let mut localpart = None;
+    if boxes.len() > 1 && boxes[0] == b"user" {
+        boxes.remove(0);
+        localpart = Some(boxes.remove(0));
+    }
+    MbName {
+        domain: domain.filter(|d| !d.is_empty()),
+        is_deleted,
+        localpart,
+        boxes,
+    }
+}
+
+/// Cyrus 3.6.1 `mboxname_to_dbname` (`mbname_from_intname` + `mbname_dbname`), quirks
+/// included: empty components vanish, a `DELETED.…` name whose last component is not hex is
+/// rewritten (`DELETED.foo.bar` → `DELETED␟foo␟BA`, `DELETED.foo.xyz` → `foo`), an empty
+/// domain is dropped. Use it where the output must equal Cyrus's (undump, `H` lists); use
+/// [`to_dbname`] where names must stay distinct.
+pub fn to_dbname_cyrus(intname: &[u8]) -> Vec<u8> {
+    let intname = super::entry::cstr(intname);
+    if intname.is_empty() {
+        return Vec::new();
+    }
+    let (domain, rest) = match intname.iter().position(|&b| b == b'!') {
+        Some(i) => (Some(&intname[..i]), &intname[i + 1..]),
+        None => (None, intname),
+    };
+    let boxes = split_nonempty(rest, b'.')
+        .into_iter()
+        .map(|c| {
+            c.into_iter()
+                .map(|b| if b == b'^' { b'.' } else { b })
+                .collect()
+        })
+        .collect();
+    let m = classify(domain, boxes);
+    let mut out = Vec::with_capacity(intname.len() + 8);
+    if let Some(d) = m.domain {
+        out.extend_from_slice(d);
+        out.push(DOMAIN_SEP);
+    }
+    let mut sep = false;
+    if m.is_deleted != 0 {
+        out.extend_from_slice(DELETED_PREFIX);
+        sep = true;
+    }
+    if let Some(lp) = &m.localpart {
+        if sep {
+            out.push(HIER_SEP);
+        }
+        out.extend_from_slice(b"user\x1F");
+        out.extend_from_slice(lp);
+        sep = true;
+    }
+    for b in &m.boxes {
+        if sep {
+            out.push(HIER_SEP);
+        }
+        out.extend_from_slice(b);
+        sep = true;
+    }
+    if m.is_deleted != 0 {
+        if sep {
+            out.push(HIER_SEP);
+        }
+        out.extend_from_slice(format!("{:X}", m.is_deleted).as_bytes());
+    }
+    out
+}
+
+/// Cyrus 3.6.1 `mboxname_from_dbname` (`mbname_from_dbname` + `mbname_intname`): the name
+/// `ctl_mboxlist -d` prints for a key. Same quirks as [`to_dbname_cyrus`], and a literal `.`
+/// becomes `^`.
+pub fn from_dbname_cyrus(dbname: &[u8]) -> Vec<u8> {
+    let dbname = super::entry::cstr(dbname);
+    if dbname.is_empty() {
+        return Vec::new();
+    }
+    let (domain, rest) = match dbname.iter().position(|&b| b == DOMAIN_SEP) {
+        Some(i) => (Some(&dbname[..i]), &dbname[i + 1..]),
+        None => (None, dbname),
+    };
+    let m = classify(domain, split_nonempty(rest, HIER_SEP));
+    let mut out = Vec::with_capacity(dbname.len() + 8);
+    let push_int = |out: &mut Vec<u8>, c: &[u8]| {
+        out.extend(c.iter().map(|&b| if b == b'.' { b'^' } else { b }))
+    };
+    if let Some(d) = m.domain {
+        out.extend_from_slice(d);
+        out.push(b'!');
+    }
+    let mut sep = false;
+    if m.is_deleted != 0 {
+        out.extend_from_slice(DELETED_PREFIX);
+        sep = true;
+    }
+    if let Some(lp) = &m.localpart {
+        if sep {
+            out.push(b'.');
+        }
+        out.extend_from_slice(b"user.");
+        push_int(&mut out, lp);
+        sep = true;
+    }
+    for b in &m.boxes {
+        if sep {
+            out.push(b'.');
+        }
+        push_int(&mut out, b);
+        sep = true;
+    }
+    if m.is_deleted != 0 {
+        if sep {
+            out.push(b'.');
+        }
+        out.extend_from_slice(format!("{:X}", m.is_deleted).as_bytes());
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -112,6 +262,36 @@ mod tests {
         keys.sort();
         let back: Vec<Vec<u8>> = keys.iter().map(|k| from_dbname(k)).collect();
         assert_eq!(back, names.iter().map(|n| n.to_vec()).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn cyrus_transforms_and_their_quirks() {
+        let cases: &[(&[u8], &[u8])] = &[
+            (b"user.bob.Sent", b"user\x1Fbob\x1FSent"),
+            (b"user.john^doe", b"user\x1Fjohn.doe"),
+            (b"example.com!user.alice", b"example.com\x1Duser\x1Falice"),
+            (
+                b"example.com!DELETED.user.bob.Old.6553F100",
+                b"example.com\x1DDELETED\x1Fuser\x1Fbob\x1FOld\x1F6553F100",
+            ),
+            (
+                b"DELETED.shared.Old.65000000",
+                b"DELETED\x1Fshared\x1FOld\x1F65000000",
+            ),
+            (b"shared", b"shared"),
+            (b"user", b"user"),
+        ];
+        for (name, db) in cases {
+            assert_eq!(to_dbname_cyrus(name), *db);
+            assert_eq!(from_dbname_cyrus(db), *name);
+        }
+        // §7.1: non-hex DELETED tails are mangled, empty components vanish.
+        assert_eq!(to_dbname_cyrus(b"DELETED.foo.bar"), b"DELETED\x1Ffoo\x1FBA");
+        assert_eq!(to_dbname_cyrus(b"DELETED.foo.xyz"), b"foo");
+        assert_eq!(to_dbname_cyrus(b"user..bob."), b"user\x1Fbob");
+        assert_eq!(from_dbname_cyrus(b"ews"), b"ews");
+        assert_eq!(to_dbname_cyrus(b"!x"), b"x");
+        assert_eq!(to_dbname_cyrus(b""), b"");
     }
 
     #[test]

@@ -2,6 +2,8 @@
 //! `ctl_mboxlist` dumps. No tokio here: the tools and the (future) slave share it.
 pub mod db;
 pub mod dlist;
+pub mod dump;
+pub mod entry;
 pub mod flat;
 pub mod mboxname;
 pub mod skiplist;
