@@ -1997,6 +1997,13 @@ mod tests {
         assert_eq!(store.changes_since(300, 10).unwrap().len(), 2);
     }
 
+    proptest::proptest! {
+        #[test]
+        fn change_decode_never_panics(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..64)) {
+            let _ = decode_change(1, &bytes);
+        }
+    }
+
     // ---- model-based property test -------------------------------------------------------
 
     const NAMES: &[&[u8]] = &[
