@@ -960,12 +960,19 @@ impl Snapshot for LmdbSnapshot {
         };
         let range: (Bound<&[u8]>, Bound<&[u8]>) = (start, Bound::Unbounded);
         let db = self.permit.shared.dbs.mailboxes;
+        // One record decoded into over and over: a dump of 100k entries allocates little.
+        let mut record = MailboxRecord::default();
         for item in db.range(&self.txn, &range)? {
             let (key, value) = item?;
             if !key.starts_with(prefix) {
                 break;
             }
-            let record = decode_record(key, value)?;
+            record
+                .decode_into(value)
+                .map_err(|why| StoreError::Corrupt {
+                    key: key.to_vec(),
+                    why,
+                })?;
             if visit(&from_dbname(key), &record).is_break() {
                 break;
             }

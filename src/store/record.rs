@@ -186,6 +186,14 @@ impl MailboxRecord {
     /// versions and presence bits are refused, and trailing bytes are an error (so a truncated
     /// or padded value is noticed rather than half-read).
     pub fn decode(bytes: &[u8]) -> Result<MailboxRecord, String> {
+        let mut rec = MailboxRecord::default();
+        rec.decode_into(bytes)?;
+        Ok(rec)
+    }
+
+    /// [`decode`](Self::decode) into an existing record, reusing its buffers (scans decode
+    /// every record into one). On error `self` holds a mix of old and new fields.
+    pub fn decode_into(&mut self, bytes: &[u8]) -> Result<(), String> {
         let mut r = Reader::new(bytes);
         let version = r.byte().ok_or("empty record")?;
         if version != RECORD_FORMAT {
@@ -196,30 +204,26 @@ impl MailboxRecord {
             return Err(format!("unknown field bits 0x{bits:02X}"));
         }
         let mbtype = r.varint("mbtype")?;
-        let mbtype = u32::try_from(mbtype).map_err(|_| format!("mbtype {mbtype} out of range"))?;
-        let mtime = unzigzag(r.varint("mtime")?);
-        let revision = r.varint("revision")?;
-        let mut opt = |bit: u8, what: &str| -> Result<Option<Vec<u8>>, String> {
+        self.mbtype =
+            MbType(u32::try_from(mbtype).map_err(|_| format!("mbtype {mbtype} out of range"))?);
+        self.mtime = unzigzag(r.varint("mtime")?);
+        self.revision = r.varint("revision")?;
+        let mut opt = |field: &mut Option<Vec<u8>>, bit: u8, what: &str| -> Result<(), String> {
             if bits & bit != 0 {
-                Ok(Some(r.bytes(what)?.to_vec()))
+                let v = field.get_or_insert_with(Vec::new);
+                v.clear();
+                v.extend_from_slice(r.bytes(what)?);
             } else {
-                Ok(None)
+                *field = None;
             }
+            Ok(())
         };
-        let server = opt(HAS_SERVER, "server")?;
-        let partition = opt(HAS_PARTITION, "partition")?;
-        let acl = opt(HAS_ACL, "acl")?;
-        let cyrus = r.bytes("cyrus fields")?.to_vec();
-        r.finish()?;
-        Ok(MailboxRecord {
-            mbtype: MbType(mbtype),
-            server,
-            partition,
-            acl,
-            mtime,
-            revision,
-            cyrus,
-        })
+        opt(&mut self.server, HAS_SERVER, "server")?;
+        opt(&mut self.partition, HAS_PARTITION, "partition")?;
+        opt(&mut self.acl, HAS_ACL, "acl")?;
+        self.cyrus.clear();
+        self.cyrus.extend_from_slice(r.bytes("cyrus fields")?);
+        r.finish()
     }
 }
 
@@ -446,6 +450,13 @@ mod tests {
         #[test]
         fn round_trip(rec in any_record()) {
             prop_assert_eq!(MailboxRecord::decode(&rec.encode()).unwrap(), rec);
+        }
+
+        #[test]
+        fn decode_into_reuses_without_leaking_old_fields(a in any_record(), b in any_record()) {
+            let mut rec = a;
+            rec.decode_into(&b.encode()).unwrap();
+            prop_assert_eq!(rec, b);
         }
 
         #[test]
