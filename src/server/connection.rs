@@ -305,7 +305,7 @@ impl Conn<'_> {
             // names. A refusal or no-op is answered only when nothing of this connection is
             // still uncommitted before it, so it reads state after all of its predecessors.
             let mut answered_now = Vec::new();
-            for (i, w) in self.pending.iter().enumerate() {
+            for w in self.pending.iter() {
                 let (name, write) = write_args(&w.command);
                 if names.contains(&name) {
                     break;
@@ -317,33 +317,34 @@ impl Conn<'_> {
                     Some(text) => Decision::Refuse(text),
                     None => {
                         let current = self.shared.store.get(name)?;
-                        let decision = master::decide(current.as_ref(), &write, now);
-                        if let Decision::Store(new) = decision {
-                            let expect =
-                                current.map_or(Expect::Absent, |c| Expect::Revision(c.revision));
-                            ops.push(CasOp {
-                                name: name.to_vec(),
-                                expect,
-                                new,
-                            });
-                            names.push(name);
-                            continue;
+                        match master::decide(current.as_ref(), &write, now) {
+                            Decision::Store(new) => {
+                                if !answered_now.is_empty() {
+                                    // Answer the refusals before it first.
+                                    break;
+                                }
+                                let expect = current
+                                    .map_or(Expect::Absent, |c| Expect::Revision(c.revision));
+                                ops.push(CasOp {
+                                    name: name.to_vec(),
+                                    expect,
+                                    new,
+                                });
+                                names.push(name);
+                                continue;
+                            }
+                            other => other,
                         }
-                        decision
                     }
                 };
                 if !ops.is_empty() {
                     break;
                 }
-                answered_now.push((i, decision));
-                if answered_now.len() == i + 1 {
-                    continue;
-                }
-                break;
+                answered_now.push(decision);
             }
             if ops.is_empty() {
                 // Only refusals / no-ops at the front: answer them.
-                for (_, decision) in answered_now.drain(..) {
+                for decision in answered_now.drain(..) {
                     let w = self.pending.pop_front().expect("decided command is queued");
                     answer(&mut self.out, &w.tag, &decision);
                 }
