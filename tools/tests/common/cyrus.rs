@@ -470,6 +470,20 @@ impl Instance {
                     Ok(c) => {
                         self.banner = c.banner_text();
                         c.logout();
+                        // Guards against a port picked twice: the banner must be ours.
+                        let want = format!("* OK MUPDATE \"{}\" ", self.servername);
+                        if !self.banner.last().is_some_and(|l| l.starts_with(&want)) {
+                            self.reported = true;
+                            panic!(
+                                "Cyrus {} ({}): the banner is not from this instance \
+                                 (servername {}): {:?}\n{}",
+                                self.role,
+                                self.addr,
+                                self.servername,
+                                self.banner,
+                                self.diagnostics()
+                            );
+                        }
                         return;
                     }
                     Err(e) => last_err = format!("reading banner: {e}"),
