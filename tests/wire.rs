@@ -251,7 +251,10 @@ fn authentication_cases() {
     c.ask("x AUTHENTICATE \"PLAIN\"\r\n", "\r\n");
     let t = Instant::now();
     c.ask("*\r\n", "x NO Client canceled authentication\r\n");
-    assert!(t.elapsed() < Duration::from_millis(250));
+    assert!(
+        t.elapsed() < pause - Duration::from_millis(200),
+        "a cancel is answered without the pause"
+    );
 
     // 17, 18: bad password, unknown mechanism, bad base64, wrong authzid: NO after the pause.
     for (line, what) in [
@@ -571,7 +574,10 @@ fn update_streaming_cases() {
         "U01 RESERVE {9+}\r\nuser.push {7+}\r\nhostB!p\r\n",
         Duration::from_secs(2),
     );
-    assert!(got - sent < Duration::from_millis(500));
+    assert!(
+        got - sent < Duration::from_secs(1),
+        "pushed at commit, not on a timer"
+    );
     // 44: ACTIVATE then DELETE: the last line for the name is its final state.
     w.ask(
         "d ACTIVATE \"user.new3\" \"h!p\" \"\"\r\nd2 DELETE \"user.new3\"\r\n",
@@ -659,8 +665,18 @@ fn connection_cap() {
     assert!(c.buf.is_empty());
     a.ask("n NOOP\r\n", "n OK \"Noop done\"\r\n");
     drop(_b);
-    std::thread::sleep(Duration::from_millis(200));
-    let _d = Client::new(&m); // a freed slot is reusable
+    // A freed slot is reusable (once the server noticed the close).
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let mut d = Client::raw(&m);
+        let mut first = [0u8; 6];
+        d.s.read_exact(&mut first).unwrap();
+        if &first == b"* AUTH" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the slot was never freed");
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 #[test]
