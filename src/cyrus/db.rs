@@ -334,6 +334,7 @@ pub fn compare(backend: Backend, a: &[u8], b: &[u8]) -> Ordering {
 pub(crate) struct OrderCheck {
     candidates: Vec<Order>,
     fixed: bool,
+    enabled: bool,
 }
 
 impl OrderCheck {
@@ -342,16 +343,27 @@ impl OrderCheck {
             Some(o) => OrderCheck {
                 candidates: vec![o],
                 fixed: true,
+                enabled: true,
             },
             None => OrderCheck {
                 candidates: auto.to_vec(),
                 fixed: false,
+                enabled: true,
             },
         }
     }
 
+    /// Turns the check off when `unordered` ([`ReadOptions::unordered`]).
+    pub(crate) fn unless(mut self, unordered: bool) -> OrderCheck {
+        self.enabled = !unordered;
+        self
+    }
+
     /// `Err(message)` when `cur` does not follow `prev`.
     pub(crate) fn step(&mut self, prev: &[u8], cur: &[u8]) -> Result<(), String> {
+        if !self.enabled {
+            return Ok(());
+        }
         let before = self.candidates.clone();
         self.candidates
             .retain(|o| o.compare(prev, cur) == Ordering::Less);
@@ -585,6 +597,12 @@ pub struct ReadOptions {
     /// default ([`Backend::default_order`]), as `cyr_dbtool` without `-M` does. Give
     /// `Some(Order::Mbox)` for a 2.3-3.4 `improved_mboxlist_sort` file.
     pub order: Option<Order>,
+    /// Accept keys that do not increase, as Cyrus' own `foreach` does (it never checks).
+    /// Off by default: out-of-order keys mean corruption and are reported with their offset.
+    /// Turn it on to salvage such a file (e.g. with [`copy_recovered`], which then sorts).
+    /// Pointer loops are still caught. Twoskip `recovery1` always checks the order, as Cyrus'
+    /// does.
+    pub unordered: bool,
 }
 
 /// What a reader had to do because the file was not cleanly closed.
@@ -830,7 +848,10 @@ pub fn check_with(
         Backend::Skiplist => skiplist::check_structure(map.bytes(), order, &mut problems),
         Backend::Flat => {}
     }
-    let ropts = ReadOptions { order: Some(order) };
+    let ropts = ReadOptions {
+        order: Some(order),
+        unordered: false,
+    };
     let mut records = 0u64;
     let (recovery, orders) = match open_with(path, Some(backend), &ropts) {
         Ok(mut reader) => {
@@ -839,10 +860,13 @@ pub fn check_with(
                     Ok(Some(_)) => records += 1,
                     Ok(None) => break,
                     Err(e) => {
-                        problems.push(Problem {
-                            offset: e.offset(),
-                            what: error_what(e),
-                        });
+                        // the structure check usually found it already
+                        if problems.is_empty() {
+                            problems.push(Problem {
+                                offset: e.offset(),
+                                what: error_what(e),
+                            });
+                        }
                         break;
                     }
                 }
@@ -850,14 +874,15 @@ pub fn check_with(
             (reader.recovery().clone(), reader.orders().to_vec())
         }
         Err(e) => {
-            problems.push(Problem {
-                offset: e.offset(),
-                what: error_what(e),
-            });
+            if problems.is_empty() {
+                problems.push(Problem {
+                    offset: e.offset(),
+                    what: error_what(e),
+                });
+            }
             (Recovery::None, Vec::new())
         }
     };
-    problems.dedup();
     Ok(CheckReport {
         backend,
         records,

@@ -77,7 +77,10 @@ impl Reader {
             val: Vec::new(),
             prev: Vec::new(),
             first: true,
-            check: options.order.map(|o| OrderCheck::new(Some(o), &[])),
+            check: options
+                .order
+                .filter(|_| !options.unordered)
+                .map(|o| OrderCheck::new(Some(o), &[])),
         }
     }
 

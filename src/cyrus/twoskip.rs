@@ -577,7 +577,7 @@ impl Reader {
             header,
             recovery: Recovery::None,
             state: State::Walk { next: start },
-            check: OrderCheck::new(options.order, &auto),
+            check: OrderCheck::new(options.order, &auto).unless(options.unordered),
             prev: None,
             steps: 0,
             max_steps,
@@ -608,7 +608,7 @@ impl Reader {
             Ok(n) => {
                 reader.recovery =
                     Recovery::Ignored(format!("{why}; recovery1 keeps the {n} committed records"));
-                reader.check = OrderCheck::new(Some(order), &[]);
+                reader.check = OrderCheck::new(Some(order), &[]).unless(options.unordered);
             }
             Err(bad1) => match recovery2(bytes, order) {
                 Ok((entries, commits)) => {
@@ -619,7 +619,7 @@ impl Reader {
                         bad1.what,
                         entries.len()
                     ));
-                    reader.check = OrderCheck::new(Some(order), &[]);
+                    reader.check = OrderCheck::new(Some(order), &[]).unless(options.unordered);
                     reader.state = State::Replay { entries, pos: 0 };
                 }
                 Err(e2) => {
