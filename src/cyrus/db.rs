@@ -2,8 +2,8 @@
 //! readers with Cyrus' own crash recovery, atomic writers, the comparators, the `cyr_dbtool`
 //! key/value listing and a consistency check.
 //!
-//! Three backends exist (formats spec §1-§5): [`twoskip`](super::twoskip) (the 3.x default),
-//! [`skiplist`](super::skiplist) (the 2.x default) and [`flat`](super::flat) (a sorted text
+//! Three backends exist (formats spec §1-§5): [`twoskip`] (the 3.x default),
+//! [`skiplist`] (the 2.x default) and [`flat`] (a sorted text
 //! file). This layer knows nothing about what keys and values mean; the record codecs (dlist,
 //! N/I/A keys) build on it.
 //!
@@ -26,7 +26,7 @@
 //!
 //! # Writing
 //!
-//! [`write`] writes records that are already sorted in the target order (see [`Order`] and
+//! [`write()`] writes records that are already sorted in the target order (see [`Order`] and
 //! [`compare`]) into a fresh file next to the target, fsyncs it, renames it over the target
 //! and fsyncs the directory, so a reader only ever sees the old or the complete new database.
 //! The layout is the one Cyrus 3.6.1 writes for the same inserts on a fresh file in one
@@ -321,7 +321,7 @@ impl fmt::Display for Order {
 }
 
 /// Compares two keys in `backend`'s Cyrus 3.6 order ([`Backend::default_order`]); sort with
-/// this before calling [`write`].
+/// this before calling [`write()`].
 pub fn compare(backend: Backend, a: &[u8], b: &[u8]) -> Ordering {
     backend.default_order().compare(a, b)
 }
@@ -916,7 +916,7 @@ pub enum Levels {
     CyrusRand { seed: u64, skip: u32 },
 }
 
-/// Options of [`write`].
+/// Options of [`write()`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct WriteOptions {
     /// Replace an existing target (default: refuse with [`DbError::Exists`]).
@@ -947,7 +947,7 @@ impl Default for WriteOptions {
     }
 }
 
-/// What [`write`] wrote.
+/// What [`write()`] wrote.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct WriteStats {
     pub records: u64,

@@ -18,7 +18,7 @@
 //!
 //! # Writing
 //!
-//! [`write_sorted`] writes what Cyrus writes for one transaction of in-order inserts into a
+//! The writer ([`db::write()`]) writes what Cyrus writes for one transaction of in-order inserts into a
 //! fresh file: header (curlevel = highest level, listsize 0, logstart 144), dummy, ADD nodes
 //! with their pointers stitched, one COMMIT (formats spec §4.6). When the log grows past
 //! Cyrus' checkpoint threshold (2 × logstart + 16834 bytes) Cyrus checkpoints at commit; the

@@ -17,7 +17,7 @@
 //!
 //! # Writing
 //!
-//! [`write_sorted`] (through [`db::write`](super::db::write)) produces what Cyrus writes when
+//! The writer ([`db::write()`]) produces what Cyrus writes when
 //! it inserts the records in order into a fresh file in one transaction: the same records,
 //! BLANK padding, pointer slots, CRCs, COMMIT and header. With the same levels
 //! ([`Levels::CyrusRand`](super::db::Levels)) the file is byte-identical to Cyrus' own. Files
