@@ -479,28 +479,12 @@ pub fn print_astring(s: &[u8], out: &mut Vec<u8>) {
     }
 }
 
-/// `{N+}\r\n` followed by the bytes.
+/// `{N+}\r\n` followed by the bytes: the same non-synchronising literal MUPDATE uses.
 pub fn print_literal(s: &[u8], out: &mut Vec<u8>) {
-    out.push(b'{');
-    push_decimal(out, s.len() as u64);
-    out.extend_from_slice(b"+}\r\n");
-    out.extend_from_slice(s);
+    crate::proto::response::push_literal(out, s);
 }
 
-/// Unsigned decimal without allocation (the hot path prints several numbers per record).
-pub fn push_decimal(out: &mut Vec<u8>, mut n: u64) {
-    let mut tmp = [0u8; 20];
-    let mut i = tmp.len();
-    loop {
-        i -= 1;
-        tmp[i] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            break;
-        }
-    }
-    out.extend_from_slice(&tmp[i..]);
-}
+pub use crate::proto::response::push_decimal;
 
 #[cfg(test)]
 mod tests {

@@ -218,6 +218,24 @@ pub fn from_dbname_cyrus(dbname: &[u8]) -> Vec<u8> {
     out
 }
 
+/// Cyrus 3.6.1's observed LIST order for a set of tricky names (cyrus-mupdate.md §2.3):
+/// dbname byte order, which is not `strcmp` order of the names.
+#[cfg(test)]
+pub(crate) const OBSERVED_LIST_ORDER: &[&[u8]] = &[
+    b"DELETED.user.q.5F000000",
+    b"example.com!user.z",
+    b"shared",
+    b"shared.x y",
+    b"user",
+    b"user.A",
+    b"user.a",
+    b"user.a.x",
+    b"user.a-b",
+    b"user.a^b",
+    b"user.a0",
+    b"user.bb",
+];
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -244,20 +262,7 @@ mod tests {
     #[test]
     fn order_matches_cyrus_list_order() {
         // cyrus-mupdate.md §2.3, observed order.
-        let names: &[&[u8]] = &[
-            b"DELETED.user.q.5F000000",
-            b"example.com!user.z",
-            b"shared",
-            b"shared.x y",
-            b"user",
-            b"user.A",
-            b"user.a",
-            b"user.a.x",
-            b"user.a-b",
-            b"user.a^b",
-            b"user.a0",
-            b"user.bb",
-        ];
+        let names = OBSERVED_LIST_ORDER;
         let mut keys: Vec<Vec<u8>> = names.iter().map(|n| to_dbname(n).unwrap()).collect();
         keys.sort();
         let back: Vec<Vec<u8>> = keys.iter().map(|k| from_dbname(k)).collect();

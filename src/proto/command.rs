@@ -130,6 +130,14 @@ enum Stop {
     },
 }
 
+/// A refusal that skips the rest of the line from where the limit was hit.
+fn too_big(text: &'static str) -> Stop {
+    Stop::TooBig {
+        text,
+        skip: LineSkipper::new(),
+    }
+}
+
 const WORD_TOO_LONG: &str = "[TOOBIG] Word too long";
 const QUOTED_TOO_LONG: &str = "[TOOBIG] Quoted value too long";
 const LITERAL_TOO_LARGE: &str = "[TOOBIG] Literal size exceeds fixed limit";
@@ -225,10 +233,7 @@ impl Lexer<'_> {
 
     fn check_command_size(&self) -> Lexed<()> {
         if self.pos > self.limits.max_command {
-            return Err(Stop::TooBig {
-                text: COMMAND_TOO_LONG,
-                skip: LineSkipper::new(),
-            });
+            return Err(too_big(COMMAND_TOO_LONG));
         }
         Ok(())
     }
@@ -243,10 +248,7 @@ impl Lexer<'_> {
             }
             word.push(c);
             if word.len() > self.limits.max_word {
-                return Err(Stop::TooBig {
-                    text: WORD_TOO_LONG,
-                    skip: LineSkipper::new(),
-                });
+                return Err(too_big(WORD_TOO_LONG));
             }
         }
     }
@@ -292,10 +294,7 @@ impl Lexer<'_> {
             }
             s.push(c);
             if s.len() > self.limits.max_quoted {
-                return Err(Stop::TooBig {
-                    text: QUOTED_TOO_LONG,
-                    skip: LineSkipper::new(),
-                });
+                return Err(too_big(QUOTED_TOO_LONG));
             }
         }
     }

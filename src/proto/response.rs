@@ -60,14 +60,16 @@ fn tagged_like(out: &mut Vec<u8>, head: &[u8], text: &str) {
 /// have learned to expect it.
 pub const SERVER_UNABLE: &[u8] = b"* BYE \"Server Unable\"\r\n\0";
 
-fn literal(out: &mut Vec<u8>, value: &[u8]) {
+/// A non-synchronising literal, `{n+}\r\n<bytes>` (also what Cyrus's dlist printer writes).
+pub fn push_literal(out: &mut Vec<u8>, value: &[u8]) {
     out.push(b'{');
     push_decimal(out, value.len() as u64);
     out.extend_from_slice(b"+}\r\n");
     out.extend_from_slice(value);
 }
 
-fn push_decimal(out: &mut Vec<u8>, mut n: u64) {
+/// Unsigned decimal without allocation (hot path of LIST, UPDATE and dumps).
+pub fn push_decimal(out: &mut Vec<u8>, mut n: u64) {
     let mut digits = [0u8; 20];
     let mut i = digits.len();
     loop {
@@ -86,11 +88,11 @@ pub fn mailbox(out: &mut Vec<u8>, tag: &[u8], name: &[u8], location: &[u8], acl:
     out.reserve(tag.len() + name.len() + location.len() + acl.len() + 48);
     out.extend_from_slice(tag);
     out.extend_from_slice(b" MAILBOX ");
-    literal(out, name);
+    push_literal(out, name);
     out.push(b' ');
-    literal(out, location);
+    push_literal(out, location);
     out.push(b' ');
-    literal(out, acl);
+    push_literal(out, acl);
     out.extend_from_slice(b"\r\n");
 }
 
@@ -99,9 +101,9 @@ pub fn reserve(out: &mut Vec<u8>, tag: &[u8], name: &[u8], location: &[u8]) {
     out.reserve(tag.len() + name.len() + location.len() + 32);
     out.extend_from_slice(tag);
     out.extend_from_slice(b" RESERVE ");
-    literal(out, name);
+    push_literal(out, name);
     out.push(b' ');
-    literal(out, location);
+    push_literal(out, location);
     out.extend_from_slice(b"\r\n");
 }
 
@@ -109,7 +111,7 @@ pub fn reserve(out: &mut Vec<u8>, tag: &[u8], name: &[u8], location: &[u8]) {
 pub fn delete(out: &mut Vec<u8>, tag: &[u8], name: &[u8]) {
     out.extend_from_slice(tag);
     out.extend_from_slice(b" DELETE ");
-    literal(out, name);
+    push_literal(out, name);
     out.extend_from_slice(b"\r\n");
 }
 

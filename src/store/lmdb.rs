@@ -1302,20 +1302,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = open(dir.path());
         // cyrus-mupdate.md §2.3, observed LIST order.
-        let order: &[&[u8]] = &[
-            b"DELETED.user.q.5F000000",
-            b"example.com!user.z",
-            b"shared",
-            b"shared.x y",
-            b"user",
-            b"user.A",
-            b"user.a",
-            b"user.a.x",
-            b"user.a-b",
-            b"user.a^b",
-            b"user.a0",
-            b"user.bb",
-        ];
+        let order = crate::cyrus::mboxname::OBSERVED_LIST_ORDER;
         for name in order.iter().rev() {
             store.reserve_if_absent(name, active("h")).unwrap();
         }
@@ -1760,7 +1747,7 @@ mod tests {
         let store = open(dir.path());
         assert_eq!(store.import_batch(Vec::new()).unwrap(), 0);
         let mut deleted = MailboxRecord::active(b"h!p", b"a\tb\t".to_vec(), 1234);
-        deleted.mbtype = crate::store::MbType(crate::store::MbType::DELETED);
+        deleted.mbtype = crate::store::MbType(crate::store::record::mbtype::DELETED);
         deleted.cyrus = b"opaque cyrus fields".to_vec();
         let records = vec![
             (b"user.a".to_vec(), active("h1")),

@@ -3,30 +3,15 @@
 //! owned by [`crate::cyrus`]). Encoded with a version byte first so the format can evolve.
 
 use super::Seq;
+pub use crate::cyrus::entry::mbtype;
 
 /// Cyrus 3.6 mailbox type bits (3.6.1:imap/mboxlist.h:59-98): the type in the low 4 bits,
-/// flags above.
+/// flags above; the constants are in [`mbtype`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub struct MbType(pub u32);
 
 impl MbType {
-    pub const EMAIL: u32 = 0;
-    pub const NETNEWS: u32 = 1;
-    pub const JMAPSUBMIT: u32 = 2;
-    pub const JMAPPUSHSUB: u32 = 3;
-    pub const JMAPNOTIFY: u32 = 4;
-    pub const SIEVE: u32 = 5;
-    pub const COLLECTION: u32 = 8;
-    pub const CALENDAR: u32 = 9;
-    pub const ADDRESSBOOK: u32 = 0xA;
-    pub const TYPE_MASK: u32 = 0xF;
-    pub const REMOTE: u32 = 0x10;
-    pub const RESERVE: u32 = 0x20;
-    pub const MOVING: u32 = 0x40;
-    pub const DELETED: u32 = 0x80;
-    pub const INTERMEDIATE: u32 = 0x100;
-    pub const LEGACY_DIRS: u32 = 0x200;
-
+    /// Whether any of the [`mbtype`] flag bits in `flag` is set.
     pub fn has(self, flag: u32) -> bool {
         self.0 & flag != 0
     }
@@ -57,7 +42,7 @@ impl MailboxRecord {
     pub fn reserved(location: &[u8], mtime: i64) -> Self {
         let (server, partition) = split_location(location);
         MailboxRecord {
-            mbtype: MbType(MbType::RESERVE | MbType::REMOTE),
+            mbtype: MbType(mbtype::RESERVE | mbtype::REMOTE),
             server: Some(server.to_vec()),
             partition: partition.map(<[u8]>::to_vec),
             acl: None,
@@ -71,7 +56,7 @@ impl MailboxRecord {
     pub fn active(location: &[u8], acl: Vec<u8>, mtime: i64) -> Self {
         let (server, partition) = split_location(location);
         MailboxRecord {
-            mbtype: MbType(MbType::REMOTE),
+            mbtype: MbType(mbtype::REMOTE),
             server: Some(server.to_vec()),
             partition: partition.map(<[u8]>::to_vec),
             acl: Some(acl),
@@ -83,12 +68,12 @@ impl MailboxRecord {
 
     /// RESERVE on the wire (the RESERVE flag); otherwise MAILBOX.
     pub fn is_reserved(&self) -> bool {
-        self.mbtype.has(MbType::RESERVE)
+        self.mbtype.has(mbtype::RESERVE)
     }
 
     /// LIST and UPDATE skip deleted and intermediate entries (imap/mboxlist.c:3879-3909).
     pub fn is_listed(&self) -> bool {
-        !self.mbtype.has(MbType::DELETED | MbType::INTERMEDIATE)
+        !self.mbtype.has(mbtype::DELETED | mbtype::INTERMEDIATE)
     }
 
     /// The location as Cyrus reads it back: `server!partition`, else server, else partition,
@@ -321,7 +306,7 @@ mod tests {
 
     fn sample() -> MailboxRecord {
         MailboxRecord {
-            mbtype: MbType(MbType::REMOTE | MbType::RESERVE),
+            mbtype: MbType(mbtype::REMOTE | mbtype::RESERVE),
             server: Some(b"imap1".to_vec()),
             partition: Some(b"".to_vec()),
             acl: None,
