@@ -45,8 +45,9 @@ struct StoreArgs {
     /// The data directory (LMDB store, admin-password).
     #[arg(long, default_value = "./mupdate-data")]
     data_dir: PathBuf,
-    /// Initial LMDB map size in bytes (address space; grows on demand).
-    #[arg(long, default_value_t = 1 << 30)]
+    /// Initial LMDB map size in bytes. It is address space, not disk, and it grows on demand;
+    /// a large start makes growth (which waits for open UPDATE snapshots) rare.
+    #[arg(long, default_value_t = 16 << 30)]
     map_size: usize,
     /// Changes kept in the change feed for subscribers that fall behind.
     #[arg(long, default_value_t = 1_000_000)]
