@@ -3,6 +3,8 @@
 //! response decoder for every line a server sends (banner capabilities, status responses,
 //! MAILBOX/RESERVE/DELETE records). Used by the blocking client, the tools and the tests.
 
+use std::borrow::Cow;
+
 /// A decoded server line.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Response {
@@ -57,9 +59,89 @@ pub struct DecodeError {
 /// Upper bound on one literal the client accepts (a server could announce anything).
 pub const MAX_CLIENT_LITERAL: u64 = 64 * 1024 * 1024;
 
+/// A decoded server line borrowing from the input buffer: what [`decode_ref`] returns, so that
+/// a client reading a 100k-record LIST or UPDATE dump allocates nothing per record. Strings are
+/// borrowed except quoted strings with `\` escapes (and the banner's multi-string text).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ResponseRef<'a> {
+    Status {
+        tag: &'a [u8],
+        kind: StatusKind,
+        text: Cow<'a, [u8]>,
+    },
+    Mailbox {
+        tag: &'a [u8],
+        name: Cow<'a, [u8]>,
+        location: Cow<'a, [u8]>,
+        acl: Cow<'a, [u8]>,
+    },
+    Reserve {
+        tag: &'a [u8],
+        name: Cow<'a, [u8]>,
+        location: Cow<'a, [u8]>,
+    },
+    Delete {
+        tag: &'a [u8],
+        name: Cow<'a, [u8]>,
+    },
+    /// As [`Response::Capability`]; `name` is upper-cased.
+    Capability {
+        name: Cow<'a, [u8]>,
+        args: Vec<Cow<'a, [u8]>>,
+    },
+    Continue,
+}
+
+impl ResponseRef<'_> {
+    /// The owned form, as [`decode`] returns it.
+    pub fn into_owned(self) -> Response {
+        match self {
+            ResponseRef::Status { tag, kind, text } => Response::Status {
+                tag: tag.to_vec(),
+                kind,
+                text: text.into_owned(),
+            },
+            ResponseRef::Mailbox {
+                tag,
+                name,
+                location,
+                acl,
+            } => Response::Mailbox {
+                tag: tag.to_vec(),
+                name: name.into_owned(),
+                location: location.into_owned(),
+                acl: acl.into_owned(),
+            },
+            ResponseRef::Reserve {
+                tag,
+                name,
+                location,
+            } => Response::Reserve {
+                tag: tag.to_vec(),
+                name: name.into_owned(),
+                location: location.into_owned(),
+            },
+            ResponseRef::Delete { tag, name } => Response::Delete {
+                tag: tag.to_vec(),
+                name: name.into_owned(),
+            },
+            ResponseRef::Capability { name, args } => Response::Capability {
+                name: name.into_owned(),
+                args: args.into_iter().map(Cow::into_owned).collect(),
+            },
+            ResponseRef::Continue => Response::Continue,
+        }
+    }
+}
+
 /// Decode one response from the front of `buf`: `Ok(None)` when more input is needed,
 /// else the response and the number of bytes it used.
 pub fn decode(buf: &[u8]) -> Result<Option<(Response, usize)>, DecodeError> {
+    Ok(decode_ref(buf)?.map(|(r, n)| (r.into_owned(), n)))
+}
+
+/// [`decode`] without copying: the response borrows from `buf`.
+pub fn decode_ref(buf: &[u8]) -> Result<Option<(ResponseRef<'_>, usize)>, DecodeError> {
     let mut r = Reader { buf, pos: 0 };
     match r.response() {
         Ok(resp) => Ok(Some((resp, r.pos))),
@@ -96,7 +178,7 @@ struct Reader<'a> {
     pos: usize,
 }
 
-impl Reader<'_> {
+impl<'a> Reader<'a> {
     fn peek(&self) -> Result<u8, Failure> {
         self.buf.get(self.pos).copied().ok_or(Failure::Incomplete)
     }
@@ -107,12 +189,12 @@ impl Reader<'_> {
         Ok(c)
     }
 
-    fn word(&mut self) -> Result<Vec<u8>, Failure> {
+    fn word(&mut self) -> Result<&'a [u8], Failure> {
         let start = self.pos;
         while !matches!(self.peek()?, b' ' | b'\r' | b'\n') {
             self.pos += 1;
         }
-        Ok(self.buf[start..self.pos].to_vec())
+        Ok(&self.buf[start..self.pos])
     }
 
     fn end_of_line(&mut self) -> Result<(), Failure> {
@@ -125,25 +207,36 @@ impl Reader<'_> {
         }
     }
 
-    fn rest_of_line(&mut self) -> Result<Vec<u8>, Failure> {
+    fn rest_of_line(&mut self) -> Result<&'a [u8], Failure> {
         let start = self.pos;
         while self.peek()? != b'\n' {
             self.pos += 1;
         }
         let line = &self.buf[start..self.pos];
         self.pos += 1;
-        Ok(line.strip_suffix(b"\r").unwrap_or(line).to_vec())
+        Ok(line.strip_suffix(b"\r").unwrap_or(line))
     }
 
     /// A quoted string or a `{n}` / `{n+}` literal.
-    fn string(&mut self) -> Result<Vec<u8>, Failure> {
+    fn string(&mut self) -> Result<Cow<'a, [u8]>, Failure> {
         match self.next()? {
             b'"' => {
-                let mut s = Vec::new();
+                let start = self.pos;
+                // Borrow unless an escape forces a copy.
+                loop {
+                    match self.next()? {
+                        b'\\' => break,
+                        b'"' => return Ok(Cow::Borrowed(&self.buf[start..self.pos - 1])),
+                        b'\r' | b'\n' => return Err(Failure::Bad("unterminated quoted string")),
+                        _ => {}
+                    }
+                }
+                let mut s = self.buf[start..self.pos - 1].to_vec();
+                s.push(self.next()?);
                 loop {
                     match self.next()? {
                         b'\\' => s.push(self.next()?),
-                        b'"' => return Ok(s),
+                        b'"' => return Ok(Cow::Owned(s)),
                         b'\r' | b'\n' => return Err(Failure::Bad("unterminated quoted string")),
                         c => s.push(c),
                     }
@@ -178,9 +271,9 @@ impl Reader<'_> {
                 if self.buf.len() - self.pos < len {
                     return Err(Failure::Incomplete);
                 }
-                let data = self.buf[self.pos..self.pos + len].to_vec();
+                let data = &self.buf[self.pos..self.pos + len];
                 self.pos += len;
-                Ok(data)
+                Ok(Cow::Borrowed(data))
             }
             _ => Err(Failure::Bad("expected a string")),
         }
@@ -193,23 +286,28 @@ impl Reader<'_> {
         }
     }
 
-    fn response(&mut self) -> Result<Response, Failure> {
+    fn response(&mut self) -> Result<ResponseRef<'a>, Failure> {
         if self.peek()? == b'+' {
             self.rest_of_line()?;
-            return Ok(Response::Continue);
+            return Ok(ResponseRef::Continue);
         }
         let tag = self.word()?;
         if self.peek()? != b' ' {
             return Err(Failure::Bad("missing keyword"));
         }
         self.pos += 1;
-        let keyword = self.word()?.to_ascii_uppercase();
-        let status = match &keyword[..] {
-            b"OK" => Some(StatusKind::Ok),
-            b"NO" => Some(StatusKind::No),
-            b"BAD" => Some(StatusKind::Bad),
-            b"BYE" => Some(StatusKind::Bye),
-            _ => None,
+        let keyword = self.word()?;
+        let is = |k: &[u8]| keyword.eq_ignore_ascii_case(k);
+        let status = if is(b"OK") {
+            Some(StatusKind::Ok)
+        } else if is(b"NO") {
+            Some(StatusKind::No)
+        } else if is(b"BAD") {
+            Some(StatusKind::Bad)
+        } else if is(b"BYE") {
+            Some(StatusKind::Bye)
+        } else {
+            None
         };
         if let Some(kind) = status {
             let text = if self.peek()? == b' ' {
@@ -221,71 +319,69 @@ impl Reader<'_> {
                         self.end_of_line()?;
                         s
                     } else {
-                        let mut rest = s;
+                        let mut rest = s.into_owned();
                         rest.push(b' ');
-                        rest.extend(self.rest_of_line()?);
-                        rest
+                        rest.extend_from_slice(self.rest_of_line()?);
+                        Cow::Owned(rest)
                     }
                 } else {
-                    self.rest_of_line()?
+                    Cow::Borrowed(self.rest_of_line()?)
                 }
             } else {
                 self.end_of_line()?;
-                Vec::new()
+                Cow::Borrowed(&b""[..])
             };
-            return Ok(Response::Status { tag, kind, text });
+            return Ok(ResponseRef::Status { tag, kind, text });
         }
-        match &keyword[..] {
-            b"MAILBOX" => {
-                self.space()?;
-                let name = self.string()?;
-                self.space()?;
-                let location = self.string()?;
-                self.space()?;
-                let acl = self.string()?;
-                self.end_of_line()?;
-                Ok(Response::Mailbox {
-                    tag,
-                    name,
-                    location,
-                    acl,
-                })
-            }
-            b"RESERVE" => {
-                self.space()?;
-                let name = self.string()?;
-                self.space()?;
-                let location = self.string()?;
-                self.end_of_line()?;
-                Ok(Response::Reserve {
-                    tag,
-                    name,
-                    location,
-                })
-            }
-            b"DELETE" => {
-                self.space()?;
-                let name = self.string()?;
-                self.end_of_line()?;
-                Ok(Response::Delete { tag, name })
-            }
-            _ if tag == b"*" => {
-                let mut args = Vec::new();
-                while self.peek()? == b' ' {
-                    self.pos += 1;
-                    if matches!(self.peek()?, b'"' | b'{') {
-                        args.push(self.string()?);
-                    } else {
-                        args.push(self.word()?);
-                    }
+        if is(b"MAILBOX") {
+            self.space()?;
+            let name = self.string()?;
+            self.space()?;
+            let location = self.string()?;
+            self.space()?;
+            let acl = self.string()?;
+            self.end_of_line()?;
+            Ok(ResponseRef::Mailbox {
+                tag,
+                name,
+                location,
+                acl,
+            })
+        } else if is(b"RESERVE") {
+            self.space()?;
+            let name = self.string()?;
+            self.space()?;
+            let location = self.string()?;
+            self.end_of_line()?;
+            Ok(ResponseRef::Reserve {
+                tag,
+                name,
+                location,
+            })
+        } else if is(b"DELETE") {
+            self.space()?;
+            let name = self.string()?;
+            self.end_of_line()?;
+            Ok(ResponseRef::Delete { tag, name })
+        } else if tag == b"*" {
+            let mut args = Vec::new();
+            while self.peek()? == b' ' {
+                self.pos += 1;
+                if matches!(self.peek()?, b'"' | b'{') {
+                    args.push(self.string()?);
+                } else {
+                    args.push(Cow::Borrowed(self.word()?));
                 }
-                self.end_of_line()?;
-                Ok(Response::Capability {
-                    name: keyword,
-                    args,
-                })
             }
-            _ => Err(Failure::Bad("unknown response keyword")),
+            self.end_of_line()?;
+            let name = if keyword.iter().any(u8::is_ascii_lowercase) {
+                Cow::Owned(keyword.to_ascii_uppercase())
+            } else {
+                Cow::Borrowed(keyword)
+            };
+            Ok(ResponseRef::Capability { name, args })
+        } else {
+            Err(Failure::Bad("unknown response keyword"))
         }
     }
 }
@@ -403,6 +499,55 @@ mod tests {
                 text: b"Client canceled authentication".to_vec()
             }
         );
+    }
+
+    #[test]
+    fn borrowed_decode_matches_owned() {
+        let inputs: &[&[u8]] = &[
+            b"r6 MAILBOX {9+}\r\nuser.fred {8+}\r\nhostA!p1 {4+}\r\na\tl\t\r\n",
+            b"U DELETE \"x\\\"y\\\\z\"\r\n",
+            b"t reserve \"n\" \"h!p\"\n",
+            b"* ok MUPDATE \"m\" \"Cyrus IMAP\"\r\n",
+            b"a NO Client canceled authentication\r\n",
+            b"* auth \"PLAIN\" LOGIN\r\n",
+            b"+ go\r\n",
+            b"x OK\r\n",
+        ];
+        for input in inputs {
+            let (r, n) = decode_ref(input).unwrap().unwrap();
+            assert_eq!(n, input.len());
+            let (owned, m) = decode(input).unwrap().unwrap();
+            assert_eq!(m, n);
+            assert_eq!(r.into_owned(), owned);
+        }
+        // Escapes are resolved; plain strings and literals borrow.
+        match decode_ref(b"U DELETE \"x\\\"y\"\r\n").unwrap().unwrap().0 {
+            ResponseRef::Delete { name, .. } => assert_eq!(&name[..], b"x\"y"),
+            other => panic!("{other:?}"),
+        }
+        match decode_ref(b"t MAILBOX \"a\" {1+}\r\nb \"\"\r\n")
+            .unwrap()
+            .unwrap()
+            .0
+        {
+            ResponseRef::Mailbox {
+                name,
+                location,
+                acl,
+                ..
+            } => {
+                assert!(matches!(name, Cow::Borrowed(b"a")));
+                assert!(matches!(location, Cow::Borrowed(b"b")));
+                assert!(matches!(acl, Cow::Borrowed(b"")));
+            }
+            other => panic!("{other:?}"),
+        }
+        match decode(b"* auth \"PLAIN\"\r\n").unwrap().unwrap().0 {
+            Response::Capability { name, .. } => assert_eq!(name, b"AUTH"),
+            other => panic!("{other:?}"),
+        }
+        assert!(decode_ref(b"x MAILBOX \"a\r\n").is_err());
+        assert!(decode_ref(b"x FROB \"a\"\r\n").is_err());
     }
 
     #[test]
