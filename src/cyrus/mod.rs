@@ -5,6 +5,7 @@ pub mod dlist;
 pub mod dump;
 pub mod entry;
 pub mod flat;
+pub mod kept;
 pub mod mboxname;
 pub mod skiplist;
 pub mod twoskip;

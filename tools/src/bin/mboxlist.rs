@@ -17,6 +17,14 @@ use mupdate::cyrus::db::{self, Backend, DbReader, ReadOptions, WriteOptions};
 use mupdate::cyrus::dump::{self, DumpOptions, DumpWriter, MtimePolicy, Undump};
 use mupdate::cyrus::entry::{self, EntryError, KeyKind, Layout};
 
+// The verbs that work on the master's store and over MUPDATE (import, export, diff, push).
+#[path = "mboxlist/diff.rs"]
+mod diff;
+#[path = "mboxlist/migrate.rs"]
+mod migrate;
+#[path = "mboxlist/push.rs"]
+mod push;
+
 #[derive(Parser)]
 #[command(
     name = "mboxlist",
@@ -103,6 +111,17 @@ enum Cmd {
         #[arg(long, requires = "repair")]
         force: bool,
     },
+    /// Load a mailboxes.db (any backend) or a dump into the master's store (a new or empty
+    /// `mupdated` data directory), keeping every Cyrus field and record.
+    Import(migrate::ImportArgs),
+    /// Write the master's store as a new mailboxes.db (or with --dump as `ctl_mboxlist -d`
+    /// JSON): the rollback path to Cyrus.
+    Export(migrate::ExportArgs),
+    /// Compare two mailbox lists (files, dumps or mupdate:// masters) as MUPDATE shows them;
+    /// exit 1 when they differ.
+    Diff(diff::DiffArgs),
+    /// Push a backend's mailbox list to the master, like `ctl_mboxlist -m`.
+    Push(push::PushArgs),
 }
 
 /// How a command ended, when not with success.
@@ -211,6 +230,14 @@ fn open(path: &Path, backend: Option<Backend>) -> Result<DbReader> {
 
 fn run(cmd: Cmd, ui: &Ui) -> Result<(), Failure> {
     match cmd {
+        Cmd::Import(a) => migrate::import(ui, a)?,
+        Cmd::Export(a) => migrate::export(ui, a)?,
+        Cmd::Diff(a) => {
+            if diff::diff(ui, a)? {
+                return Err(Failure::Found);
+            }
+        }
+        Cmd::Push(a) => push::push(ui, a)?,
         Cmd::Dump {
             intermediates,
             partition,
