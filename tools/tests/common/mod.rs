@@ -677,6 +677,12 @@ impl OurMaster {
     /// Creates the store with one user, starts `mupdated serve` on a free port and waits
     /// (up to 30 s) for its banner. Panics with its stderr on failure.
     pub fn start(servername: &str, user: &str, password: &str) -> Self {
+        Self::start_with_pause(servername, user, password, Duration::ZERO)
+    }
+
+    /// As [`OurMaster::start`], with `--failed-login-pause` set to `pause` (Cyrus's
+    /// `failedloginpause`; `start` uses 0).
+    pub fn start_with_pause(servername: &str, user: &str, password: &str, pause: Duration) -> Self {
         let dir = tempfile::Builder::new()
             .prefix("mupdated-test-")
             .tempdir_in("/tmp")
@@ -723,7 +729,8 @@ impl OurMaster {
             .arg(&data)
             .arg("--servername")
             .arg(servername)
-            .args(["--failed-login-pause", "0"])
+            .arg("--failed-login-pause")
+            .arg(format!("{}ms", pause.as_millis()))
             .stdin(Stdio::null())
             .stdout(stderr.try_clone().expect("dup stderr file"))
             .stderr(stderr)
