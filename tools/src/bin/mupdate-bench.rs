@@ -81,7 +81,7 @@ struct Args {
     /// Location of created mailboxes (`server!partition`).
     #[arg(long, default_value = "benchhost!default")]
     location: String,
-    /// ACL of created mailboxes (default: `{user}\tlrswipkxtecda\t`).
+    /// ACL of created mailboxes; `\t` is a TAB (default: `{user}\tlrswipkxtecda\t`).
     #[arg(long)]
     acl: Option<String>,
     /// Create N mailboxes (indices 0..N, one ACTIVATE each) before the workload.
@@ -887,9 +887,11 @@ fn run(args: &Args) -> Result<Value> {
         password: read_password(args)?,
         prefix: args.prefix.clone().unwrap_or_else(default_prefix),
         location: args.location.clone(),
+        // `\t` in --acl stands for a TAB: Cyrus ACL text is `id TAB rights TAB …`.
         acl: args
             .acl
-            .clone()
+            .as_ref()
+            .map(|a| a.replace("\\t", "\t"))
             .unwrap_or_else(|| format!("{}\tlrswipkxtecda\t", args.user)),
         io_timeout: Duration::from_secs(args.io_timeout.max(1)),
     };
