@@ -37,7 +37,11 @@ fn public_api_round_trip() {
     let snap = dynamic.snapshot().unwrap();
     assert_eq!(snap.seq(), 4);
     let mut names = Vec::new();
-    let prefix = to_dbname(b"user.bob.").unwrap();
+    let prefix = [
+        to_dbname(b"user.bob").unwrap(),
+        vec![mupdate::cyrus::mboxname::HIER_SEP],
+    ]
+    .concat();
     snap.scan(&prefix, None, &mut |name, r| {
         names.push((String::from_utf8_lossy(name).into_owned(), r.is_reserved()));
         ControlFlow::Continue(())

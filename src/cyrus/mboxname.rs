@@ -2,11 +2,13 @@
 //! `mailboxes.db` key since 3.6, whose byte order is Cyrus's LIST/UPDATE order).
 //!
 //! `mbname_dbname` (3.6.1:imap/mboxlist.c:5293-5333): the domain (text before the first `!`)
-//! is copied as is and followed by 0x1D; the rest is split on `.`, joined with 0x1F, and the
-//! escaped dot `^` becomes a real `.`. We apply that transform to every name. Cyrus also
-//! re-prints the hex tail of `DELETED.…` names, which mangles a non-hex tail into another name
-//! (formats spec §7.1); for canonical tails both transforms agree, and for the others ours keeps
-//! the name instead of losing it.
+//! is copied as is and followed by 0x1D; the rest is split on `.` with empty components
+//! dropped (`strarray_split` uses `strtok`, so `user.e.`, `user..e` and `.user.e` all name
+//! `user.e`), joined with 0x1F, and the escaped dot `^` becomes a real `.`; an empty domain is
+//! the default domain. [`to_dbname`] is that transform, the key of our store, so that names
+//! Cyrus treats as one mailbox are one mailbox here too. Cyrus also re-prints the hex tail of
+//! `DELETED.…` names, which turns a non-hex tail into another name (`DELETED.foo.xyz` becomes
+//! `foo`, formats spec §7.1): such names are refused rather than stored under a stranger's key.
 
 /// Group separator: ends the domain part of a dbname.
 pub const DOMAIN_SEP: u8 = 0x1D;
@@ -20,38 +22,59 @@ pub enum NameError {
     Empty,
     #[error("mailbox name contains byte 0x{0:02X}, which Cyrus uses as a dbname separator")]
     SeparatorByte(u8),
+    #[error("a DELETED mailbox name must end in Cyrus's hexadecimal deletion time")]
+    DeletedTail,
 }
 
-/// The dbname of an internal name. Fails where the transform would not be reversible (an empty
-/// name, or one holding the separator bytes 0x1D/0x1F themselves), so two names never share a
-/// key.
+/// The dbname (store key) of an internal name, as Cyrus builds it. Fails for names Cyrus would
+/// store under an empty key (empty, or only dots), names holding NUL or the separator bytes
+/// 0x1D/0x1F themselves, and `DELETED.…` names whose tail Cyrus would rewrite.
 pub fn to_dbname(intname: &[u8]) -> Result<Vec<u8>, NameError> {
-    if intname.is_empty() {
-        return Err(NameError::Empty);
-    }
-    if let Some(&b) = intname.iter().find(|&&b| b == DOMAIN_SEP || b == HIER_SEP) {
+    if let Some(&b) = intname
+        .iter()
+        .find(|&&b| b == DOMAIN_SEP || b == HIER_SEP || b == 0)
+    {
         return Err(NameError::SeparatorByte(b));
     }
-    let mut out = Vec::with_capacity(intname.len());
+    let cyrus = to_dbname_cyrus(intname);
+    if cyrus.is_empty() {
+        return Err(NameError::Empty);
+    }
+    // Without the DELETED rewrite, Cyrus's transform is this plain one; where the two differ,
+    // Cyrus would have changed the name itself.
+    let mut plain = Vec::with_capacity(intname.len());
     let rest = match intname.iter().position(|&b| b == b'!') {
         Some(bang) => {
-            out.extend_from_slice(&intname[..bang]);
-            out.push(DOMAIN_SEP);
+            if bang > 0 {
+                plain.extend_from_slice(&intname[..bang]);
+                plain.push(DOMAIN_SEP);
+            }
             &intname[bang + 1..]
         }
         None => intname,
     };
-    out.extend(rest.iter().map(|&b| match b {
-        b'.' => HIER_SEP,
-        b'^' => b'.',
-        other => other,
-    }));
-    Ok(out)
+    for component in rest.split(|&b| b == b'.').filter(|c| !c.is_empty()) {
+        if !plain.is_empty() && plain.last() != Some(&DOMAIN_SEP) {
+            plain.push(HIER_SEP);
+        }
+        plain.extend(component.iter().map(|&b| if b == b'^' { b'.' } else { b }));
+    }
+    if plain != cyrus {
+        return Err(NameError::DeletedTail);
+    }
+    Ok(cyrus)
 }
 
 /// The internal name of a dbname (`mbname_from_dbname` followed by `mbname_intname`).
 pub fn from_dbname(dbname: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(dbname.len());
+    from_dbname_into(dbname, &mut out);
+    out
+}
+
+/// [`from_dbname`] into a reused buffer (cleared first): scans call it once per record.
+pub fn from_dbname_into(dbname: &[u8], out: &mut Vec<u8>) {
+    out.clear();
     let rest = match dbname.iter().position(|&b| b == DOMAIN_SEP) {
         Some(gs) => {
             out.extend_from_slice(&dbname[..gs]);
@@ -65,7 +88,6 @@ pub fn from_dbname(dbname: &[u8]) -> Vec<u8> {
         b'.' => b'^',
         other => other,
     }));
-    out
 }
 
 /// The default `deletedprefix` (3.6.1:lib/imapoptions:821).
@@ -304,13 +326,42 @@ mod tests {
         assert_eq!(to_dbname(b""), Err(NameError::Empty));
         assert_eq!(to_dbname(b"a\x1Fb"), Err(NameError::SeparatorByte(0x1F)));
         assert_eq!(to_dbname(b"a\x1Db"), Err(NameError::SeparatorByte(0x1D)));
+        assert_eq!(to_dbname(b"a\0b"), Err(NameError::SeparatorByte(0)));
+        assert_eq!(to_dbname(b".."), Err(NameError::Empty));
+        assert_eq!(to_dbname(b"DELETED.foo.xyz"), Err(NameError::DeletedTail));
+        assert_eq!(to_dbname(b"DELETED.foo.0x1A"), Err(NameError::DeletedTail));
+        assert_eq!(
+            to_dbname(b"DELETED.foo.1A").unwrap(),
+            b"DELETED\x1Ffoo\x1F1A"
+        );
+    }
+
+    #[test]
+    fn empty_components_name_one_mailbox_as_in_cyrus() {
+        for same in [
+            &b"user.e."[..],
+            b"user..e",
+            b".user.e",
+            b"user.e",
+            b"!user.e",
+        ] {
+            assert_eq!(
+                to_dbname(same).unwrap(),
+                b"user\x1Fe",
+                "{}",
+                crate::proto::escape(same)
+            );
+        }
+        assert_eq!(to_dbname(b"d.com!user..x").unwrap(), b"d.com\x1Duser\x1Fx");
     }
 
     proptest::proptest! {
         #[test]
         fn round_trip(name in proptest::collection::vec(proptest::prelude::any::<u8>(), 1..64)) {
+            // The canonical name of a key maps back to the same key.
             if let Ok(db) = to_dbname(&name) {
-                proptest::prop_assert_eq!(from_dbname(&db), name);
+                proptest::prop_assert_eq!(to_dbname(&from_dbname(&db)).unwrap(), db.clone());
+                proptest::prop_assert_eq!(to_dbname_cyrus(&name), db);
             }
         }
     }

@@ -83,14 +83,29 @@ pub fn push_decimal(out: &mut Vec<u8>, mut n: u64) {
     out.extend_from_slice(&digits[i..]);
 }
 
+/// A literal of several pieces written back to back.
+fn push_literal_parts(out: &mut Vec<u8>, parts: &[&[u8]]) {
+    out.push(b'{');
+    push_decimal(out, parts.iter().map(|p| p.len() as u64).sum());
+    out.extend_from_slice(b"+}\r\n");
+    for p in parts {
+        out.extend_from_slice(p);
+    }
+}
+
 /// `tag MAILBOX {n+}\r\nname {n+}\r\nlocation {n+}\r\nacl\r\n`.
 pub fn mailbox(out: &mut Vec<u8>, tag: &[u8], name: &[u8], location: &[u8], acl: &[u8]) {
-    out.reserve(tag.len() + name.len() + location.len() + acl.len() + 48);
+    mailbox_parts(out, tag, name, &[location], acl);
+}
+
+/// [`mailbox`] with the location given in pieces (server, `!`, partition).
+pub fn mailbox_parts(out: &mut Vec<u8>, tag: &[u8], name: &[u8], location: &[&[u8]], acl: &[u8]) {
+    out.reserve(tag.len() + name.len() + acl.len() + 64);
     out.extend_from_slice(tag);
     out.extend_from_slice(b" MAILBOX ");
     push_literal(out, name);
     out.push(b' ');
-    push_literal(out, location);
+    push_literal_parts(out, location);
     out.push(b' ');
     push_literal(out, acl);
     out.extend_from_slice(b"\r\n");
@@ -98,12 +113,17 @@ pub fn mailbox(out: &mut Vec<u8>, tag: &[u8], name: &[u8], location: &[u8], acl:
 
 /// `tag RESERVE {n+}\r\nname {n+}\r\nlocation\r\n`.
 pub fn reserve(out: &mut Vec<u8>, tag: &[u8], name: &[u8], location: &[u8]) {
-    out.reserve(tag.len() + name.len() + location.len() + 32);
+    reserve_parts(out, tag, name, &[location]);
+}
+
+/// [`reserve`] with the location given in pieces.
+pub fn reserve_parts(out: &mut Vec<u8>, tag: &[u8], name: &[u8], location: &[&[u8]]) {
+    out.reserve(tag.len() + name.len() + 48);
     out.extend_from_slice(tag);
     out.extend_from_slice(b" RESERVE ");
     push_literal(out, name);
     out.push(b' ');
-    push_literal(out, location);
+    push_literal_parts(out, location);
     out.extend_from_slice(b"\r\n");
 }
 

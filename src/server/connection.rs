@@ -72,6 +72,8 @@ const READ_CHUNK: usize = 64 * 1024;
 const DUMP_CHUNK: usize = 256 * 1024;
 /// Changes read from the feed per round.
 const FEED_BATCH: usize = 1024;
+/// Feed reads of at most this many changes run on the connection's task.
+const INLINE_FEED_READ: u64 = 256;
 
 pub async fn serve(shared: &Shared, socket: TcpStream, peer: SocketAddr) {
     let mut conn = Conn {
@@ -94,9 +96,7 @@ pub async fn serve(shared: &Shared, socket: TcpStream, peer: SocketAddr) {
         End::Closed => {}
         End::Bye(text) => {
             // Best effort: a peer that stopped reading may not take even this.
-            let mut bye = Vec::new();
-            response::bye(&mut bye, text);
-            conn.out.extend_from_slice(&bye);
+            response::bye(&mut conn.out, text);
             let _ = timeout(
                 std::time::Duration::from_secs(1),
                 conn.stream.write_all(&conn.out),
@@ -107,11 +107,11 @@ pub async fn serve(shared: &Shared, socket: TcpStream, peer: SocketAddr) {
         End::Io(e) => tracing::debug!(%peer, "connection error: {e}"),
         End::Store(e) => {
             tracing::error!(%peer, "store error: {e}");
-            let mut bye = Vec::new();
-            response::bye(&mut bye, "internal error");
+            // Answers already due go out before the BYE.
+            response::bye(&mut conn.out, "internal error");
             let _ = timeout(
                 std::time::Duration::from_secs(1),
-                conn.stream.write_all(&bye),
+                conn.stream.write_all(&conn.out),
             )
             .await;
         }
@@ -526,11 +526,19 @@ impl Conn<'_> {
             if target.is_some_and(|t| after >= t) {
                 return Ok(());
             }
-            let store = Arc::clone(self.store());
-            let changes =
+            // A short backlog is a few memory-mapped pages: read it inline, like FIND, so a
+            // change reaches subscribers without hopping through the blocking pool (whose
+            // scheduling delay dominated propagation latency). Large catch-ups stay off the
+            // async threads.
+            let backlog = self.committed.borrow().saturating_sub(after);
+            let changes = if backlog <= INLINE_FEED_READ {
+                self.store().changes_since(after, FEED_BATCH)
+            } else {
+                let store = Arc::clone(self.store());
                 tokio::task::spawn_blocking(move || store.changes_since(after, FEED_BATCH))
                     .await
-                    .map_err(|e| End::Io(std::io::Error::other(e)))?;
+                    .map_err(|e| End::Io(std::io::Error::other(e)))?
+            };
             let changes = match changes {
                 Ok(c) => c,
                 Err(StoreError::FeedTruncated { .. }) => {

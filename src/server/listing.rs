@@ -26,7 +26,10 @@ impl Filter {
         }
         match self {
             Filter::All => true,
-            Filter::LocationPrefix(p) => record.location().starts_with(p),
+            Filter::LocationPrefix(p) => {
+                let mut location = record.location_parts().into_iter().flatten();
+                p.iter().all(|b| location.next() == Some(b))
+            }
             Filter::Hosts(hosts) => watched(hosts, record.server.as_deref()),
         }
     }
@@ -38,10 +41,11 @@ fn watched(hosts: &[Vec<u8>], server: Option<&[u8]>) -> bool {
 
 /// A MAILBOX or RESERVE line for one record.
 pub fn record_line(out: &mut Vec<u8>, tag: &[u8], name: &[u8], record: &MailboxRecord) {
+    let location = record.location_parts();
     if record.is_reserved() {
-        response::reserve(out, tag, name, &record.location());
+        response::reserve_parts(out, tag, name, &location);
     } else {
-        response::mailbox(out, tag, name, &record.location(), record.wire_acl());
+        response::mailbox_parts(out, tag, name, &location, record.wire_acl());
     }
 }
 

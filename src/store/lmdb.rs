@@ -64,7 +64,7 @@ use super::{
     Seq, Snapshot, StoreError,
 };
 use crate::auth::{UserStore, Verifier};
-use crate::cyrus::mboxname::{from_dbname, to_dbname};
+use crate::cyrus::mboxname::{from_dbname_into, to_dbname};
 
 /// The on-disk schema this code writes (stored in `meta`); a store with another value is
 /// refused rather than misread.
@@ -962,9 +962,10 @@ impl Snapshot for LmdbSnapshot {
         let db = self.permit.shared.dbs.mailboxes;
         // One record decoded into over and over: a dump of 100k entries allocates little.
         let mut record = MailboxRecord::default();
+        let mut name = Vec::new();
         for item in db.range(&self.txn, &range)? {
             let (key, value) = item?;
-            if !key.starts_with(prefix) {
+            if !prefix.is_empty() && !key.starts_with(prefix) {
                 break;
             }
             record
@@ -973,7 +974,8 @@ impl Snapshot for LmdbSnapshot {
                     key: key.to_vec(),
                     why,
                 })?;
-            if visit(&from_dbname(key), &record).is_break() {
+            from_dbname_into(key, &mut name);
+            if visit(&name, &record).is_break() {
                 break;
             }
         }
@@ -983,7 +985,10 @@ impl Snapshot for LmdbSnapshot {
 
 impl MailboxStore for LmdbStore {
     fn get(&self, name: &[u8]) -> Result<Option<MailboxRecord>> {
-        let key = to_dbname(name)?;
+        // A name with no key (empty, say) names no mailbox: FIND answers nothing, as Cyrus.
+        let Ok(key) = to_dbname(name) else {
+            return Ok(None);
+        };
         if key.len() > MAX_KEY_LEN {
             return Ok(None);
         }
@@ -1309,7 +1314,11 @@ mod tests {
         let all = names_of(&store, b"", None);
         assert_eq!(all, order.iter().map(|n| n.to_vec()).collect::<Vec<_>>());
 
-        let prefix = to_dbname(b"user.a.").unwrap();
+        let prefix = [
+            to_dbname(b"user.a").unwrap(),
+            vec![crate::cyrus::mboxname::HIER_SEP],
+        ]
+        .concat();
         assert_eq!(names_of(&store, &prefix, None), vec![b"user.a.x".to_vec()]);
         let prefix = to_dbname(b"user.a").unwrap();
         assert_eq!(names_of(&store, &prefix, None).len(), 5);

@@ -97,7 +97,8 @@ pub trait Snapshot: Send {
     /// Visit records whose key (dbname) starts with `prefix`, in key order, starting strictly
     /// after `after` when given. The visitor gets the internal name and the record and may stop.
     ///
-    /// `prefix` and `after` are in dbname form: pass `to_dbname(b"user.bob.")`, not the
+    /// `prefix` and `after` are in dbname form: pass `to_dbname(b"user.bob")` followed by
+    /// [`HIER_SEP`](crate::cyrus::mboxname::HIER_SEP) for the children of `user.bob`, not the
     /// internal name. Every record is visited, deleted and intermediate ones too; LIST and
     /// UPDATE must skip those not [`MailboxRecord::is_listed`].
     fn scan(

@@ -87,6 +87,17 @@ impl MailboxRecord {
         }
     }
 
+    /// [`location`](Self::location) as up to three pieces to concatenate, without allocating
+    /// (LIST and UPDATE write one per record).
+    pub fn location_parts(&self) -> [&[u8]; 3] {
+        match (&self.server, &self.partition) {
+            (Some(s), Some(p)) => [s, b"!", p],
+            (Some(s), None) => [s, b"", b""],
+            (None, Some(p)) => [p, b"", b""],
+            (None, None) => [b"", b"", b""],
+        }
+    }
+
     /// The ACL as the wire shows it: empty for a reservation.
     pub fn wire_acl(&self) -> &[u8] {
         if self.is_reserved() {
