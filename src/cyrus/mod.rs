@@ -5,6 +5,7 @@ pub mod dlist;
 pub mod dump;
 pub mod entry;
 pub mod flat;
+pub mod imapd_conf;
 pub mod kept;
 pub mod mboxname;
 pub mod skiplist;

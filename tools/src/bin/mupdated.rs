@@ -149,17 +149,6 @@ fn open_store(args: &StoreArgs) -> Result<Arc<LmdbStore>> {
         .with_context(|| format!("opening the store in {}", args.data_dir.display()))
 }
 
-fn hostname() -> String {
-    let mut buf = [0u8; 256];
-    // SAFETY: the buffer is valid for its length; gethostname NUL-terminates on success.
-    let r = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
-    if r != 0 {
-        return "localhost".into();
-    }
-    let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
-    String::from_utf8_lossy(&buf[..end]).into_owned()
-}
-
 fn random_password() -> Result<String> {
     let mut bytes = [0u8; 18];
     std::fs::File::open("/dev/urandom")
@@ -206,7 +195,9 @@ fn serve(args: ServeArgs) -> Result<()> {
     let store = open_store(&args.store)?;
     ensure_admin(&store, &args.store.data_dir)?;
     let config = Config {
-        servername: args.servername.unwrap_or_else(hostname),
+        servername: args
+            .servername
+            .unwrap_or_else(mupdate::cyrus::imapd_conf::hostname),
         limits: Limits {
             max_word: args.max_word,
             max_quoted: args.max_quoted,

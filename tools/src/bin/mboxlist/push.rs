@@ -22,7 +22,7 @@
 //! `Remove remote flag on: …`, `Remove Local Mailbox: …`) on stdout; `--dry-run` prints
 //! them and sends no write (LIST and FIND still run), like `ctl_mboxlist -m -w`.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashSet, VecDeque};
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -57,77 +57,7 @@ pub struct PushArgs {
 // ---------------------------------------------------------------------------------------
 // imapd.conf
 
-/// The options of an imapd.conf: `key: value` lines, `#` comments, blank lines, and
-/// `@include: FILE` (as Cyrus's `config_read_file`: keys are lower-cased, values trimmed,
-/// a later line for the same key wins).
-#[derive(Debug, Default)]
-pub struct ImapdConf {
-    opts: HashMap<String, String>,
-}
-
-impl ImapdConf {
-    pub fn read(path: &Path) -> Result<ImapdConf> {
-        let mut c = ImapdConf::default();
-        c.read_into(path, 0)?;
-        Ok(c)
-    }
-
-    fn read_into(&mut self, path: &Path, depth: u32) -> Result<()> {
-        if depth > 8 {
-            bail!("{}: @include nested too deeply", path.display());
-        }
-        let text =
-            std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
-        let text = String::from_utf8_lossy(&text);
-        for (i, line) in text.lines().enumerate() {
-            let line = line.trim();
-            if line.is_empty() || line.starts_with('#') {
-                continue;
-            }
-            let Some((key, value)) = line.split_once(':') else {
-                bail!(
-                    "{}:{}: not a `key: value` line: {line:?}",
-                    path.display(),
-                    i + 1
-                );
-            };
-            let key = key.trim().to_ascii_lowercase();
-            let value = value.trim().to_string();
-            if key == "@include" {
-                self.read_into(Path::new(&value), depth + 1)?;
-                continue;
-            }
-            if key.is_empty()
-                || !key
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
-            {
-                bail!("{}:{}: invalid option name {key:?}", path.display(), i + 1);
-            }
-            self.opts.insert(key, value);
-        }
-        Ok(())
-    }
-
-    pub fn get(&self, key: &str) -> Option<&str> {
-        self.opts
-            .get(key)
-            .map(String::as_str)
-            .filter(|v| !v.is_empty())
-    }
-}
-
-fn hostname() -> String {
-    let mut buf = [0u8; 256];
-    // SAFETY: the buffer is valid for its length; gethostname NUL-terminates on success
-    // (we also cut at the first NUL ourselves).
-    let r = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
-    if r != 0 {
-        return "localhost".into();
-    }
-    let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
-    String::from_utf8_lossy(&buf[..end]).into_owned()
-}
+pub use mupdate::cyrus::imapd_conf::ImapdConf;
 
 // ---------------------------------------------------------------------------------------
 // the local list
@@ -231,7 +161,7 @@ pub fn push(ui: &Ui, a: PushArgs) -> Result<()> {
     let servername = conf
         .get("servername")
         .map(str::to_string)
-        .unwrap_or_else(hostname);
+        .unwrap_or_else(mupdate::cyrus::imapd_conf::hostname);
     let db_path = match (conf.get("mboxlist_db_path"), conf.get("configdirectory")) {
         (Some(p), _) => PathBuf::from(p),
         (None, Some(dir)) => Path::new(dir).join("mailboxes.db"),
