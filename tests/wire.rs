@@ -881,3 +881,83 @@ fn concurrent_writers_on_one_name_stay_consistent() {
         "f OK \"Search completed\"\r\n",
     );
 }
+
+#[test]
+fn garbage_from_many_clients_never_hurts_the_server() {
+    let m = start(Config {
+        idle_timeout: Duration::from_secs(5),
+        ..config()
+    });
+    let mut keeper = Client::login(&m);
+    keeper.ask(
+        "k ACTIVATE \"user.keep\" \"h!p\" \"\"\r\n",
+        "k OK \"done\"\r\n",
+    );
+    // Deterministic noise: random bytes, random command fragments, literals with wild sizes.
+    let mut seed: u64 = 0x9E37_79B9_7F4A_7C15;
+    let mut next = move || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed
+    };
+    let pieces: &[&[u8]] = &[
+        b"a ",
+        b"NOOP",
+        b"FIND ",
+        b"{5}\r\n",
+        b"{99999999999+}\r\n",
+        b"{3+}\r\n",
+        b"\"",
+        b"\\",
+        b"\r\n",
+        b"\n",
+        b"UPDATE ",
+        b"LIST ",
+        b"AUTHENTICATE \"PLAIN\" ",
+        b"*\r\n",
+        b"\0",
+        b"\xff",
+        b"DELETE \"user.keep\"",
+        b" ",
+        b"(",
+        b")",
+        b"LOGOUT",
+    ];
+    let handles: Vec<_> = (0..8)
+        .map(|_| {
+            let mut bytes = Vec::new();
+            for _ in 0..400 {
+                if next() % 3 == 0 {
+                    bytes.extend((0..(next() % 16)).map(|_| next() as u8));
+                } else {
+                    bytes.extend_from_slice(pieces[(next() % pieces.len() as u64) as usize]);
+                }
+            }
+            let addr = m.addr;
+            std::thread::spawn(move || {
+                let mut s = TcpStream::connect(addr).unwrap();
+                s.set_read_timeout(Some(Duration::from_millis(300)))
+                    .unwrap();
+                let _ = s.write_all(&bytes);
+                let mut sink = [0u8; 65536];
+                while let Ok(n) = s.read(&mut sink) {
+                    if n == 0 {
+                        break;
+                    }
+                }
+            })
+        })
+        .collect();
+    for h in handles {
+        h.join().unwrap();
+    }
+    // The server is alive, the keeper's session works, and no garbage (these were not
+    // authenticated) changed anything.
+    keeper.ask(
+        "f FIND \"user.keep\"\r\n",
+        "f MAILBOX {9+}\r\nuser.keep {3+}\r\nh!p {0+}\r\n\r\nf OK \"Search completed\"\r\n",
+    );
+    let mut fresh = Client::login(&m);
+    fresh.ask("n NOOP\r\n", "n OK \"Noop done\"\r\n");
+}
