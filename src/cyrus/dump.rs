@@ -316,8 +316,9 @@ pub enum MtimePolicy {
 }
 
 /// The records `ctl_mboxlist -u` would leave in an empty `mailboxes.db`, kept in raw key
-/// order. Holds every record in memory (the output file must be written sorted, and the I
-/// records depend on earlier entries).
+/// order. Holds every record in memory (the reference model; [`undump_stream`] gives the
+/// same records in constant memory, and replays on an `Undump` only the entries that share
+/// keys).
 #[derive(Debug, Default)]
 pub struct Undump {
     records: BTreeMap<Vec<u8>, Vec<u8>>,
@@ -462,22 +463,22 @@ impl Undump {
     }
 
     /// `do_undump`: one JSON object, members in file order (a repeated name keeps its first
-    /// position and its last value, as jansson does). The JSON text is held as one
-    /// `serde_json` tree while it is converted.
+    /// position and its last value, as jansson does). The members are parsed one at a time,
+    /// but all are held until the end (for the repeated names).
     pub fn read_json<R: Read>(&mut self, input: R, mtime: MtimePolicy) -> Result<(), DumpError> {
-        let top: serde_json::Value = serde_json::from_reader(io::BufReader::new(input))
-            .map_err(|e| DumpError::Input(format!("parse error: {e}")))?;
-        if has_nul(&top) {
-            return Err(DumpError::Input(
-                "parse error: \\u0000 is not allowed without JSON_ALLOW_NUL".into(),
-            ));
-        }
-        let members = match top {
-            serde_json::Value::Object(m) => m,
-            // jansson accepts an array at the top; `json_object_foreach` then sees nothing.
-            serde_json::Value::Array(_) => return Ok(()),
-            _ => return Err(DumpError::Input("parse error: '[' or '{' expected".into())),
-        };
+        let mut members: Vec<(String, serde_json::Value)> = Vec::new();
+        let mut index: HashMap<String, usize> = HashMap::new();
+        json_members(io::BufReader::new(input), |name, v| {
+            match index.get(&name) {
+                Some(&i) => members[i].1 = v,
+                None => {
+                    index.insert(name.clone(), members.len());
+                    members.push((name, v));
+                }
+            }
+            Ok(())
+        })?;
+        drop(index);
         for (name, v) in members {
             let e = match json_entry(&name, &v, mtime, &mut self.warnings) {
                 Ok(Some(e)) => e,
@@ -535,6 +536,648 @@ impl Undump {
             }
         }
         Ok(())
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Streaming undump.
+
+use std::collections::{HashMap, HashSet};
+use std::fs::File;
+use std::hash::{DefaultHasher, Hasher};
+use std::io::{BufReader, BufWriter, Seek, SeekFrom};
+
+use super::db::Order;
+
+/// One raw record.
+type KeyValue = (Vec<u8>, Vec<u8>);
+
+/// Options of [`undump_stream`].
+#[derive(Debug, Clone, Copy)]
+pub struct UndumpOptions {
+    /// Read 3.5-dev `-L` lines instead of JSON or 2.x/3.4 lines.
+    pub legacy_l: bool,
+    pub mtime: MtimePolicy,
+    /// The order of the records produced: the target backend's
+    /// ([`super::db::Backend::default_order`]).
+    pub order: Order,
+}
+
+/// Counters of [`undump_stream`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct UndumpStats {
+    /// Entries written.
+    pub stored: u64,
+    /// Entries skipped.
+    pub skipped: u64,
+    /// Entries that share their name record or uniqueid with another entry of the input and
+    /// were therefore replayed in memory.
+    pub interacting: u64,
+}
+
+/// [`Undump`] in (near) constant memory: the records `ctl_mboxlist -u [-L]` would leave in
+/// an empty `mailboxes.db`, read from `input` (which is read two or three times, from its
+/// current position) and returned sorted in `opts.order`, byte for byte what
+/// [`Undump::read_auto`] followed by [`Undump::into_records`] gives (the unit tests compare
+/// the two). Warnings go to `warn` as they arise, in input order.
+///
+/// How: `mboxlist_update_entry` depends on earlier entries only through the entry's own
+/// name record and its uniqueid's `I` record. Pass 1 reads the input and keeps one 64-bit
+/// hash of each of those keys (the only state that grows with the input: 16 bytes per
+/// entry). An entry whose two keys occur nowhere else in the input cannot see or change any
+/// other entry's records, so its records are those of an empty database; the few entries
+/// that do share a key (a renamed mailbox listed twice, a JSON name repeated, names Cyrus
+/// keys alike, or a hash collision) are replayed in input order on an in-memory [`Undump`]
+/// of their own, exactly as Cyrus would. For JSON, when a name repeats, one extra pass
+/// collects the repeated members' last values (jansson keeps a repeated name at its first
+/// position with its last value). Pass 2 then produces the records into a [`SortSpill`],
+/// which keeps at most a fixed budget in memory and spills sorted runs to anonymous
+/// temporary files (in `TMPDIR`). JSON members are parsed one at a time, lines one at a
+/// time; the document is never held whole. A JSON syntax error (reported with its line and
+/// column) or a `\u0000` anywhere is found in pass 1, before any entry is processed, as
+/// jansson refuses the document before `do_undump` starts.
+pub fn undump_stream<R: Read + Seek>(
+    mut input: R,
+    opts: &UndumpOptions,
+    warn: &mut dyn FnMut(String),
+) -> Result<(SortedRecords, UndumpStats), DumpError> {
+    let start = input.stream_position()?;
+    let format = match (first_byte(&mut input)?, opts.legacy_l) {
+        (None, _) => return Ok((SortedRecords::empty(), UndumpStats::default())),
+        (_, true) => UndumpFormat::Legacy36,
+        (Some(b'{' | b'['), false) => UndumpFormat::Json,
+        _ => UndumpFormat::Lines2x,
+    };
+
+    // Pass 1: the keys each entry touches.
+    let mut hashes = Vec::new();
+    match format {
+        UndumpFormat::Json => json_members(rewind(&mut input, start)?, |name, v| {
+            hashes.push(n_hash(name.as_bytes()));
+            if let Some(u) = jstr(&v, "uniqueid") {
+                hashes.push(i_hash(u.as_bytes()));
+            }
+            Ok(())
+        })?,
+        _ => for_each_line(rewind(&mut input, start)?, |_, line| {
+            let parsed = match format {
+                UndumpFormat::Legacy36 => parse_l_line(line, opts.mtime),
+                _ => parse_2x_line(line, opts.mtime),
+            };
+            if let Ok(Some(e)) = parsed {
+                hashes.push(n_hash(&e.name));
+                if let Some(u) = &e.uniqueid {
+                    hashes.push(i_hash(u));
+                }
+            }
+            Ok(true)
+        })?,
+    }
+    hashes.sort_unstable();
+    let dups: HashSet<u64> = hashes
+        .windows(2)
+        .filter(|w| w[0] == w[1])
+        .map(|w| w[0])
+        .collect();
+    drop(hashes);
+
+    // Pass 1b (JSON with repeated names only): the last value of each repeated name.
+    let mut last_values: HashMap<String, serde_json::Value> = HashMap::new();
+    if format == UndumpFormat::Json && !dups.is_empty() {
+        let mut seen: HashMap<String, (u32, serde_json::Value)> = HashMap::new();
+        json_members(rewind(&mut input, start)?, |name, v| {
+            if dups.contains(&n_hash(name.as_bytes())) {
+                let slot = seen.entry(name).or_insert((0, serde_json::Value::Null));
+                slot.0 += 1;
+                slot.1 = v;
+            }
+            Ok(())
+        })?;
+        last_values = seen
+            .into_iter()
+            .filter(|(_, (n, _))| *n > 1)
+            .map(|(k, (_, v))| (k, v))
+            .collect();
+    }
+
+    // Pass 2: the records.
+    let mut run = Replay {
+        dups,
+        sub: Undump::new(),
+        spill: SortSpill::new(opts.order),
+        warn,
+        stats: UndumpStats::default(),
+    };
+    match format {
+        UndumpFormat::Json => {
+            let mut done = HashSet::new();
+            json_members(rewind(&mut input, start)?, |name, v| {
+                let v = if done.contains(&name) {
+                    return Ok(());
+                } else if let Some(last) = last_values.remove(&name) {
+                    done.insert(name.clone());
+                    last
+                } else {
+                    v
+                };
+                run.json_member(&name, &v, opts.mtime)
+            })?
+        }
+        _ => for_each_line(rewind(&mut input, start)?, |n, line| {
+            run.line(n, line, format, opts.mtime)
+        })?,
+    }
+    let Replay {
+        sub,
+        mut spill,
+        stats,
+        ..
+    } = run;
+    for (k, v) in sub.records {
+        spill.push(k, v)?;
+    }
+    Ok((spill.finish()?, stats))
+}
+
+fn rewind<R: Read + Seek>(input: &mut R, start: u64) -> Result<BufReader<&mut R>, DumpError> {
+    input.seek(SeekFrom::Start(start))?;
+    Ok(BufReader::with_capacity(1 << 16, input))
+}
+
+/// The first non-white byte of `input` (consumed; the caller seeks back).
+fn first_byte<R: Read>(input: R) -> io::Result<Option<u8>> {
+    let mut r = BufReader::with_capacity(1 << 12, input);
+    loop {
+        let buf = r.fill_buf()?;
+        if buf.is_empty() {
+            return Ok(None);
+        }
+        match buf.iter().position(|b| !b.is_ascii_whitespace()) {
+            Some(i) => return Ok(Some(buf[i])),
+            None => {
+                let n = buf.len();
+                r.consume(n);
+            }
+        }
+    }
+}
+
+fn key_hash(prefix: u8, key: &[u8]) -> u64 {
+    let mut h = DefaultHasher::new();
+    h.write_u8(prefix);
+    h.write(key);
+    h.finish()
+}
+
+/// The hash of the name record key an entry named `name` is stored under.
+fn n_hash(name: &[u8]) -> u64 {
+    key_hash(b'N', &mboxname::to_dbname_cyrus(name))
+}
+
+/// The hash of the `I` record key of `uniqueid`.
+fn i_hash(uniqueid: &[u8]) -> u64 {
+    key_hash(b'I', uniqueid)
+}
+
+/// The records `mboxlist_update_entry` writes for `e` in a database that holds neither its
+/// name record nor its uniqueid's record ([`Undump::update`] on an empty [`Undump`]).
+fn fresh_records(e: &Entry) -> Result<(KeyValue, Option<KeyValue>), EntryError> {
+    let dbname = mboxname::to_dbname_cyrus(&e.name);
+    let nval = encode_n_value(e)?;
+    let i = match &e.uniqueid {
+        Some(uid) => Some((entry::i_key(uid), encode_i_value(e, &dbname)?)),
+        None => None,
+    };
+    Ok(((entry::n_key(&dbname), nval), i))
+}
+
+/// Pass 2 of [`undump_stream`].
+struct Replay<'w> {
+    /// Key hashes that occur more than once in the input.
+    dups: HashSet<u64>,
+    /// The records of the entries that share keys.
+    sub: Undump,
+    spill: SortSpill,
+    warn: &'w mut dyn FnMut(String),
+    stats: UndumpStats,
+}
+
+impl Replay<'_> {
+    fn interacting(&self, e: &Entry) -> bool {
+        !self.dups.is_empty()
+            && (self.dups.contains(&n_hash(&e.name))
+                || e.uniqueid
+                    .as_deref()
+                    .is_some_and(|u| self.dups.contains(&i_hash(u))))
+    }
+
+    /// [`Undump::store`]: whether the entry was stored.
+    fn store(&mut self, e: &Entry, what: &str) -> Result<bool, DumpError> {
+        let r = if self.interacting(e) {
+            self.stats.interacting += 1;
+            self.sub.update(e)
+        } else {
+            match fresh_records(e) {
+                Ok(((nk, nv), i)) => {
+                    self.spill.push(nk, nv)?;
+                    if let Some((ik, iv)) = i {
+                        self.spill.push(ik, iv)?;
+                    }
+                    Ok(())
+                }
+                Err(err) => Err(err),
+            }
+        };
+        match r {
+            Ok(()) => {
+                self.stats.stored += 1;
+                Ok(true)
+            }
+            Err(EntryError::BadFormat(why)) => {
+                (self.warn)(format!("{what}: not stored: {why}"));
+                self.stats.skipped += 1;
+                Ok(false)
+            }
+            Err(source) => Err(DumpError::Entry {
+                key: what.to_owned(),
+                source,
+            }),
+        }
+    }
+
+    /// One `do_undump` member (as [`Undump::read_json`]).
+    fn json_member(
+        &mut self,
+        name: &str,
+        v: &serde_json::Value,
+        mtime: MtimePolicy,
+    ) -> Result<(), DumpError> {
+        let mut warnings = Vec::new();
+        let parsed = json_entry(name, v, mtime, &mut warnings);
+        for w in warnings {
+            (self.warn)(w);
+        }
+        match parsed {
+            Ok(Some(e)) => {
+                self.store(&e, name)?;
+            }
+            Ok(None) => self.stats.skipped += 1,
+            Err(source) => {
+                return Err(DumpError::Entry {
+                    key: name.to_owned(),
+                    source,
+                })
+            }
+        }
+        Ok(())
+    }
+
+    /// One dump line (as [`Undump::read_lines`]); false: stop reading.
+    fn line(
+        &mut self,
+        n: u64,
+        line: &[u8],
+        format: UndumpFormat,
+        mtime: MtimePolicy,
+    ) -> Result<bool, DumpError> {
+        let what = format!("line {n}");
+        let parsed = match format {
+            UndumpFormat::Legacy36 => parse_l_line(line, mtime),
+            _ => parse_2x_line(line, mtime),
+        };
+        let e = match parsed {
+            Ok(Some(e)) => e,
+            Ok(None) => {
+                (self.warn)(format!("{what}: no partition found"));
+                self.stats.skipped += 1;
+                return Ok(true);
+            }
+            Err(LineSkip(why)) => {
+                (self.warn)(format!("{what}: {why}"));
+                self.stats.skipped += 1;
+                return Ok(true);
+            }
+        };
+        let stored = self.store(&e, &what)?;
+        // `-L` stops at the first failed update (`if (r) break;`).
+        Ok(stored || format != UndumpFormat::Legacy36)
+    }
+}
+
+/// Calls `f` on each line of `input` (with its LF) and its number, until `f` says false.
+fn for_each_line<R: BufRead>(
+    mut input: R,
+    mut f: impl FnMut(u64, &[u8]) -> Result<bool, DumpError>,
+) -> Result<(), DumpError> {
+    let mut line = Vec::new();
+    let mut n = 0u64;
+    loop {
+        line.clear();
+        if input.read_until(b'\n', &mut line)? == 0 {
+            return Ok(());
+        }
+        n += 1;
+        if !f(n, &line)? {
+            return Ok(());
+        }
+    }
+}
+
+fn nul_error() -> DumpError {
+    DumpError::Input("parse error: \\u0000 is not allowed without JSON_ALLOW_NUL".into())
+}
+
+/// Calls `f` on each member of the top-level JSON object of `input`, in file order, each
+/// value parsed on its own: the document is never held whole. A top-level array is accepted
+/// and yields nothing (jansson's `json_object_foreach` sees nothing in it). A syntax error
+/// gives serde_json's message with the line and column; a `\u0000` anywhere is refused
+/// (jansson without `JSON_ALLOW_NUL`); text after the top-level value is an error.
+fn json_members<R: Read>(
+    input: R,
+    f: impl FnMut(String, serde_json::Value) -> Result<(), DumpError>,
+) -> Result<(), DumpError> {
+    let mut de = serde_json::Deserializer::from_reader(input);
+    let mut stopped = None;
+    let r = serde::Deserializer::deserialize_any(
+        &mut de,
+        TopLevel {
+            f,
+            stopped: &mut stopped,
+        },
+    );
+    if let Some(err) = stopped {
+        return Err(err);
+    }
+    r.and_then(|()| de.end()).map_err(|e| {
+        if e.is_io() {
+            DumpError::Io(e.into())
+        } else {
+            DumpError::Input(format!("parse error: {e}"))
+        }
+    })
+}
+
+/// The visitor of the top-level value of [`json_members`].
+struct TopLevel<'a, F> {
+    f: F,
+    /// The error `f` stopped with (serde sees only a placeholder).
+    stopped: &'a mut Option<DumpError>,
+}
+
+impl<'de, F> serde::de::Visitor<'de> for TopLevel<'_, F>
+where
+    F: FnMut(String, serde_json::Value) -> Result<(), DumpError>,
+{
+    type Value = ();
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("'[' or '{'")
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(mut self, mut map: A) -> Result<(), A::Error> {
+        while let Some(name) = map.next_key::<String>()? {
+            let value: serde_json::Value = map.next_value()?;
+            let r = if name.contains('\0') || has_nul(&value) {
+                Err(nul_error())
+            } else {
+                (self.f)(name, value)
+            };
+            if let Err(err) = r {
+                *self.stopped = Some(err);
+                return Err(serde::de::Error::custom("stopped"));
+            }
+        }
+        Ok(())
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+        while let Some(v) = seq.next_element::<serde_json::Value>()? {
+            if has_nul(&v) {
+                *self.stopped = Some(nul_error());
+                return Err(serde::de::Error::custom("stopped"));
+            }
+        }
+        Ok(())
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// External sort.
+
+/// Bytes of records [`SortSpill`] holds in memory before it writes a sorted run.
+pub const SPILL_BUDGET: usize = 16 << 20;
+/// Runs merged into one when there are this many (bounds the merge's open files and
+/// buffers).
+const MAX_RUNS: usize = 64;
+/// Per-record bookkeeping counted against the budget (two `Vec`s and their allocations).
+const RECORD_OVERHEAD: usize = 80;
+
+/// An external sort of (key, value) records with distinct keys: up to a memory budget is
+/// held and sorted in memory; beyond it, sorted runs go to anonymous temporary files and are
+/// merged when read back. Memory stays at the budget whatever the number of records.
+pub struct SortSpill {
+    order: Order,
+    budget: usize,
+    buf: Vec<(Vec<u8>, Vec<u8>)>,
+    bytes: usize,
+    runs: Vec<File>,
+}
+
+impl SortSpill {
+    pub fn new(order: Order) -> Self {
+        Self::with_budget(order, SPILL_BUDGET)
+    }
+
+    pub fn with_budget(order: Order, budget: usize) -> Self {
+        SortSpill {
+            order,
+            budget,
+            buf: Vec::new(),
+            bytes: 0,
+            runs: Vec::new(),
+        }
+    }
+
+    pub fn push(&mut self, key: Vec<u8>, value: Vec<u8>) -> io::Result<()> {
+        self.bytes += key.len() + value.len() + RECORD_OVERHEAD;
+        self.buf.push((key, value));
+        if self.bytes >= self.budget {
+            self.spill()?;
+        }
+        Ok(())
+    }
+
+    fn sort_buf(&mut self) {
+        let order = self.order;
+        self.buf.sort_unstable_by(|a, b| order.compare(&a.0, &b.0));
+    }
+
+    fn spill(&mut self) -> io::Result<()> {
+        self.sort_buf();
+        let mut w = BufWriter::with_capacity(1 << 16, anonymous_temp_file()?);
+        for (k, v) in self.buf.drain(..) {
+            write_run_record(&mut w, &k, &v)?;
+        }
+        self.bytes = 0;
+        self.runs.push(finish_run(w)?);
+        if self.runs.len() >= MAX_RUNS {
+            let runs = std::mem::take(&mut self.runs);
+            let mut merged = Merge::new(self.order, runs)?;
+            let mut w = BufWriter::with_capacity(1 << 16, anonymous_temp_file()?);
+            while let Some((k, v)) = merged.next_record()? {
+                write_run_record(&mut w, &k, &v)?;
+            }
+            self.runs.push(finish_run(w)?);
+        }
+        Ok(())
+    }
+
+    /// All records pushed, sorted.
+    pub fn finish(mut self) -> io::Result<SortedRecords> {
+        if self.runs.is_empty() {
+            self.sort_buf();
+            return Ok(SortedRecords(Sorted::Memory(self.buf.into_iter())));
+        }
+        if !self.buf.is_empty() {
+            self.spill()?;
+        }
+        Ok(SortedRecords(Sorted::Merge(Merge::new(
+            self.order, self.runs,
+        )?)))
+    }
+}
+
+fn write_run_record(w: &mut impl Write, k: &[u8], v: &[u8]) -> io::Result<()> {
+    let len = |n: usize| {
+        u32::try_from(n)
+            .map(u32::to_le_bytes)
+            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "record too large"))
+    };
+    w.write_all(&len(k.len())?)?;
+    w.write_all(&len(v.len())?)?;
+    w.write_all(k)?;
+    w.write_all(v)
+}
+
+fn finish_run(w: BufWriter<File>) -> io::Result<File> {
+    let mut f = w.into_inner().map_err(|e| e.into_error())?;
+    f.seek(SeekFrom::Start(0))?;
+    Ok(f)
+}
+
+/// A k-way merge of sorted runs.
+struct Merge {
+    order: Order,
+    runs: Vec<(BufReader<File>, Option<KeyValue>)>,
+}
+
+impl Merge {
+    fn new(order: Order, files: Vec<File>) -> io::Result<Merge> {
+        let mut runs = Vec::with_capacity(files.len());
+        for f in files {
+            let mut r = BufReader::with_capacity(1 << 15, f);
+            let head = read_run_record(&mut r)?;
+            runs.push((r, head));
+        }
+        Ok(Merge { order, runs })
+    }
+
+    fn next_record(&mut self) -> io::Result<Option<KeyValue>> {
+        let mut best: Option<usize> = None;
+        for (i, (_, head)) in self.runs.iter().enumerate() {
+            let Some((k, _)) = head else { continue };
+            if best.is_none_or(|b| {
+                let bk = &self.runs[b].1.as_ref().expect("a run with a head").0;
+                self.order.compare(k, bk).is_lt()
+            }) {
+                best = Some(i);
+            }
+        }
+        let Some(b) = best else { return Ok(None) };
+        let (r, head) = &mut self.runs[b];
+        let next = read_run_record(r)?;
+        Ok(std::mem::replace(head, next))
+    }
+}
+
+fn read_run_record(r: &mut impl BufRead) -> io::Result<Option<KeyValue>> {
+    if r.fill_buf()?.is_empty() {
+        return Ok(None);
+    }
+    let mut lens = [0u8; 8];
+    r.read_exact(&mut lens)?;
+    let kl = u32::from_le_bytes(lens[..4].try_into().expect("4 bytes")) as usize;
+    let vl = u32::from_le_bytes(lens[4..].try_into().expect("4 bytes")) as usize;
+    let mut k = vec![0; kl];
+    r.read_exact(&mut k)?;
+    let mut v = vec![0; vl];
+    r.read_exact(&mut v)?;
+    Ok(Some((k, v)))
+}
+
+enum Sorted {
+    Memory(std::vec::IntoIter<(Vec<u8>, Vec<u8>)>),
+    Merge(Merge),
+    Failed,
+}
+
+/// The records of a [`SortSpill`] in order; an I/O error ends them.
+pub struct SortedRecords(Sorted);
+
+impl SortedRecords {
+    pub fn empty() -> Self {
+        SortedRecords(Sorted::Memory(Vec::new().into_iter()))
+    }
+}
+
+impl Iterator for SortedRecords {
+    type Item = io::Result<(Vec<u8>, Vec<u8>)>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        match &mut self.0 {
+            Sorted::Memory(it) => it.next().map(Ok),
+            Sorted::Merge(m) => match m.next_record() {
+                Ok(r) => r.map(Ok),
+                Err(e) => {
+                    self.0 = Sorted::Failed;
+                    Some(Err(e))
+                }
+            },
+            Sorted::Failed => None,
+        }
+    }
+}
+
+/// A new anonymous temporary file: created in the temporary directory (`TMPDIR`, else
+/// `/tmp`), mode 0600, and unlinked at once, so it goes away with its last descriptor.
+pub fn anonymous_temp_file() -> io::Result<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static SEQ: AtomicU64 = AtomicU64::new(0);
+    let dir = std::env::temp_dir();
+    loop {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos());
+        let p = dir.join(format!(
+            ".mupdate-spill.{}.{}.{nanos}",
+            std::process::id(),
+            SEQ.fetch_add(1, Ordering::Relaxed)
+        ));
+        match std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&p)
+        {
+            Ok(f) => {
+                std::fs::remove_file(&p)?;
+                return Ok(f);
+            }
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
+            Err(e) => return Err(e),
+        }
     }
 }
 
@@ -970,7 +1613,7 @@ mod fixture_tests {
     use std::path::PathBuf;
 
     /// `MUPDATE_FIXTURES`, else the copy in the repository, else the shared folder.
-    fn fixtures() -> PathBuf {
+    pub(super) fn fixtures() -> PathBuf {
         if let Some(p) = std::env::var_os("MUPDATE_FIXTURES") {
             return PathBuf::from(p);
         }
@@ -1222,6 +1865,265 @@ mod fixture_tests {
             assert_eq!(got.len(), want.len());
             for (g, w) in got.iter().zip(&want) {
                 assert_eq!(g.trim_end_matches(','), w.trim_end_matches(','));
+            }
+        }
+    }
+}
+
+/// [`undump_stream`] against the in-memory model [`Undump`].
+#[cfg(test)]
+mod undump_stream_tests {
+    use super::*;
+    use std::io::Cursor;
+
+    const MTIME: MtimePolicy = MtimePolicy::FromDump { fallback: 7 };
+
+    /// Both readers on `input`; returns the stream's counters when both succeed.
+    #[track_caller]
+    fn both(input: &[u8], legacy_l: bool, order: Order) -> Option<UndumpStats> {
+        let mut u = Undump::new();
+        let old = u.read_auto(input, legacy_l, MTIME);
+        let mut warnings = Vec::new();
+        let opts = UndumpOptions {
+            legacy_l,
+            mtime: MTIME,
+            order,
+        };
+        let new = undump_stream(Cursor::new(input), &opts, &mut |w| warnings.push(w));
+        match (old, new) {
+            (Ok(()), Ok((recs, st))) => {
+                let got: Vec<_> = recs.collect::<io::Result<_>>().unwrap();
+                let mut want: Vec<_> = u.records.clone().into_iter().collect();
+                want.sort_by(|a, b| order.compare(&a.0, &b.0));
+                assert!(got == want, "records differ");
+                assert_eq!((st.stored, st.skipped), (u.stored, u.skipped));
+                assert_eq!(warnings, u.warnings);
+                Some(st)
+            }
+            (Err(a), Err(b)) => {
+                assert_eq!(a.to_string(), b.to_string());
+                None
+            }
+            (a, b) => panic!("in memory: {a:?}; streamed: {:?}", b.map(|x| x.1)),
+        }
+    }
+
+    fn member(name: &str, uid: Option<&str>, extra: &str) -> String {
+        let mut s = format!(
+            "{}: {{\"mbtype\": \"e\", \"partition\": \"p\", \"mtime\": \"5\", \"acl\": {{\"a\": \"lr\"}}{extra}",
+            serde_json::to_string(name).unwrap()
+        );
+        if let Some(u) = uid {
+            s.push_str(&format!(", \"uniqueid\": \"{u}\""));
+        }
+        s.push('}');
+        s
+    }
+
+    fn doc(members: &[String]) -> Vec<u8> {
+        format!("{{\n{}\n}}\n", members.join(",\n")).into_bytes()
+    }
+
+    #[test]
+    fn fixture_dumps() {
+        let dir = super::fixture_tests::fixtures();
+        for rel in [
+            "tricky/dump.twoskip.json",
+            "tricky/dump-y.twoskip.json",
+            "tricky/history/dump.twoskip.json",
+            "legacy/v34-dump.undumped-by-3.6-L.dump.json",
+        ] {
+            let input = std::fs::read(dir.join(rel)).unwrap();
+            for order in [Order::Raw, Order::Signed, Order::FlatMbox] {
+                let st = both(&input, false, order).unwrap();
+                assert!(st.stored + st.skipped > 5, "{rel}");
+            }
+        }
+    }
+
+    #[test]
+    fn repeated_names_and_uniqueids() {
+        let cases: Vec<Vec<String>> = vec![
+            // A rename chain: one uniqueid under three names.
+            vec![
+                member("a.x", Some("u"), ""),
+                member("a.y", Some("u"), ""),
+                member("b", Some("v"), ""),
+                member("a.z", Some("u"), ""),
+            ],
+            // A repeated name: first position, last value (which is skipped here).
+            vec![
+                member("a", Some("u1"), ""),
+                member("b", Some("u2"), ""),
+                "\"a\": {\"mbtype\": \"e\"}".into(),
+            ],
+            // ... and the other way round, with the first value aborting (never parsed).
+            vec![
+                "\"a\": {\"mbtype\": \"eQ\", \"partition\": \"p\", \"uniqueid\": \"u\"}".into(),
+                member("b", Some("u"), ""),
+                member("a", Some("w"), ""),
+            ],
+            // Names Cyrus keys alike (empty parts collapse), with other uniqueids: the
+            // earlier I record is deleted.
+            vec![
+                member("user.bob.x", Some("u1"), ""),
+                member("user.bob..x", Some("u2"), ""),
+                member("c", None, ""),
+            ],
+            // A reserved mailbox's uniqueid reused: the second is not stored.
+            vec![
+                "\"r\": {\"mbtype\": \"ez\", \"partition\": \"p\", \"uniqueid\": \"u\"}".into(),
+                member("s", Some("u"), ""),
+                member("t", Some("x"), ""),
+            ],
+            // History carried over from the dump.
+            vec![
+                member(
+                    "h.new",
+                    Some("u"),
+                    ", \"name_history\": [{\"name\": \"h.old\", \"mtime\": \"3\", \"mbtype\": \"e\"}]",
+                ),
+                member("h.newer", Some("u"), ""),
+            ],
+        ];
+        for (i, c) in cases.iter().enumerate() {
+            let st = both(&doc(c), false, Order::Raw);
+            // (Case 1's last value is skipped before it is stored.)
+            assert!(st.is_none_or(|s| i == 1 || s.interacting >= 1), "case {i}");
+        }
+        // A bad letter that is parsed aborts.
+        assert!(both(
+            &doc(&["\"a\": {\"mbtype\": \"eQ\", \"partition\": \"p\"}".into()]),
+            false,
+            Order::Raw
+        )
+        .is_none());
+    }
+
+    #[test]
+    fn random_collisions() {
+        let mut x = 0x1234_5678_u64;
+        let mut next = move |n: u64| {
+            x = x
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (x >> 33) % n
+        };
+        let names = ["a", "a.b", "a..b", "c", "user.bob", "user.bob.", "d.e", "f"];
+        let types = ["e", "e", "ez", "er", "ed", "n", "ei"];
+        for _ in 0..300 {
+            let n = 1 + next(12);
+            let mut ms = Vec::new();
+            for _ in 0..n {
+                let name = names[next(names.len() as u64) as usize];
+                let uid = match next(5) {
+                    0 => None,
+                    k => Some(format!("u{}", k + next(3))),
+                };
+                let t = types[next(types.len() as u64) as usize];
+                let part = if next(6) == 0 {
+                    ""
+                } else {
+                    ", \"partition\": \"p\""
+                };
+                let mut m = format!(
+                    "\"{name}\": {{\"mbtype\": \"{t}\"{part}, \"mtime\": \"{}\"",
+                    next(9)
+                );
+                if let Some(u) = uid {
+                    m.push_str(&format!(", \"uniqueid\": \"{u}\""));
+                }
+                m.push('}');
+                ms.push(m);
+            }
+            both(&doc(&ms), false, Order::Raw);
+            // The same entries as -L lines (no repeated-name rule there).
+            let mut lines = String::new();
+            for m in &ms {
+                let v: serde_json::Value = serde_json::from_str(&format!("{{{m}}}")).unwrap();
+                let (name, e) = v.as_object().unwrap().iter().next().unwrap();
+                let bits = mbtype::from_letters(e["mbtype"].as_str().unwrap().as_bytes()).unwrap();
+                let part = if e.get("partition").is_some() {
+                    "p"
+                } else {
+                    ""
+                };
+                lines.push_str(&format!("{name}\t{bits} {part} a\tlr\t"));
+                if let Some(u) = e.get("uniqueid") {
+                    lines.push_str(&format!(">{} 1 2 3 4", u.as_str().unwrap()));
+                }
+                lines.push('\n');
+            }
+            both(lines.as_bytes(), true, Order::Signed);
+            both(lines.replace('>', " ").as_bytes(), false, Order::FlatMbox);
+        }
+    }
+
+    #[test]
+    fn legacy_l_stops_at_the_first_failed_update() {
+        let input =
+            b"r\t32 p a\tlr\t>u 1 2 3 4\ns\t0 p a\tlr\t>u 1 2 3 4\nt\t0 p a\tlr\t>w 1 2 3 4\n";
+        let st = both(input, true, Order::Raw).unwrap();
+        assert_eq!((st.stored, st.skipped), (1, 1));
+    }
+
+    #[test]
+    fn bad_json_has_a_position() {
+        let mut w = |_| {};
+        let opts = UndumpOptions {
+            legacy_l: false,
+            mtime: MTIME,
+            order: Order::Raw,
+        };
+        let err = undump_stream(Cursor::new(&b"{\n\"a\": {\"x\": }\n}"[..]), &opts, &mut w)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(err.contains("line 2 column"), "{err}");
+        let err = undump_stream(Cursor::new(&b"{\"a\": {}} x"[..]), &opts, &mut w)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(err.contains("trailing characters"), "{err}");
+        let err = undump_stream(
+            Cursor::new(&b"{\"a\": {\"p\": \"\\u0000\"}}"[..]),
+            &opts,
+            &mut w,
+        )
+        .err()
+        .unwrap()
+        .to_string();
+        assert!(err.contains("JSON_ALLOW_NUL"), "{err}");
+        // An array at the top is accepted and holds nothing; an empty input is empty.
+        for empty in [&b"[1, {\"a\": 2}]"[..], b"  \n", b""] {
+            let (recs, st) = undump_stream(Cursor::new(empty), &opts, &mut w).unwrap();
+            assert_eq!((recs.count(), st.stored), (0, 0));
+        }
+        assert!(undump_stream(Cursor::new(&b"[5"[..]), &opts, &mut w).is_err());
+    }
+
+    #[test]
+    fn sort_spill_merges_runs() {
+        for order in [Order::Raw, Order::Signed, Order::FlatMbox] {
+            for budget in [1, 300, 1 << 20] {
+                let mut s = SortSpill::with_budget(order, budget);
+                let mut want = Vec::new();
+                let mut x = 7u64;
+                for i in 0..2000u32 {
+                    x = x.wrapping_mul(6364136223846793005).wrapping_add(1);
+                    let k = format!(
+                        "{}{:x}\u{e9}\t{i}",
+                        ["N", "I", "A"][(x >> 60) as usize % 3],
+                        x >> 40
+                    )
+                    .into_bytes();
+                    let v = vec![i as u8; (x >> 50) as usize % 40];
+                    s.push(k.clone(), v.clone()).unwrap();
+                    want.push((k, v));
+                }
+                want.sort_by(|a, b| order.compare(&a.0, &b.0));
+                let got: Vec<_> = s.finish().unwrap().collect::<io::Result<_>>().unwrap();
+                assert!(got == want, "{order} budget {budget}");
             }
         }
     }

@@ -5,7 +5,7 @@
 //! success, 1 a difference or inconsistency was found, 2 usage or I/O error (clap's usage
 //! errors included).
 
-use std::io::{self, BufRead, BufWriter, IsTerminal, Write};
+use std::io::{self, BufWriter, IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -14,7 +14,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use clap::{Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 use mupdate::cyrus::db::{self, Backend, DbReader, ReadOptions, WriteOptions};
-use mupdate::cyrus::dump::{self, DumpOptions, DumpWriter, MtimePolicy, Undump};
+use mupdate::cyrus::dump::{self, DumpOptions, DumpWriter, MtimePolicy};
 use mupdate::cyrus::entry::{self, EntryError, KeyKind, Layout};
 
 // The verbs that work on the master's store and over MUPDATE (import, export, diff, push).
@@ -374,32 +374,25 @@ fn cmd_dump(
         intermediates,
         partition: partition.map(String::into_bytes),
     };
-    let mut layout: Option<Layout> = None;
-    let mut n = 0u64;
-    let ctx = |e: db::DbError| anyhow!(e).context(format!("cannot read {}", file.display()));
+    let (n, layout);
     if legacy {
         let mut out = out;
         let mut line = Vec::with_capacity(512);
-        while let Some((k, v)) = reader.next_record().map_err(ctx)? {
-            n += 1;
-            progress.tick(n);
-            if layout.is_none() {
-                layout = entry::detect_step(k, v);
-            }
+        (n, layout) = for_each_n_record(&mut reader, &progress, file, |k, v| {
             let KeyKind::Name(dbname) = entry::key_kind(k) else {
-                continue;
+                return Ok(());
             };
             let e = match entry::parse_entry(Some(dbname), v) {
                 Ok(e) => e,
-                Err(EntryError::BadFormat(_)) => continue,
+                Err(EntryError::BadFormat(_)) => return Ok(()),
                 Err(err) => bail!("{}: record {:?}: {err}", file.display(), show(k)),
             };
             if e.mbtype & entry::mbtype::INTERMEDIATE != 0 && !opts.intermediates {
-                continue;
+                return Ok(());
             }
             if let Some(p) = &opts.partition {
                 if e.partition.as_deref() != Some(p.as_slice()) {
-                    continue;
+                    return Ok(());
                 }
             }
             line.clear();
@@ -411,7 +404,8 @@ fn cmd_dump(
                 }
                 Err(err) => bail!("{}: record {:?}: {err}", file.display(), show(k)),
             }
-        }
+            Ok(())
+        })?;
         out.into_inner()
             .map_err(|e| e.into_error())
             .context("writing stdout")?
@@ -419,15 +413,10 @@ fn cmd_dump(
             .context("writing stdout")?;
     } else {
         let mut w = DumpWriter::new(out, opts).context("writing stdout")?;
-        while let Some((k, v)) = reader.next_record().map_err(ctx)? {
-            n += 1;
-            progress.tick(n);
-            if layout.is_none() {
-                layout = entry::detect_step(k, v);
-            }
+        (n, layout) = for_each_n_record(&mut reader, &progress, file, |k, v| {
             w.record(k, v)
-                .with_context(|| format!("cannot dump {}", file.display()))?;
-        }
+                .with_context(|| format!("cannot dump {}", file.display()))
+        })?;
         let (out, stats) = w.finish().context("writing stdout")?;
         out.into_inner()
             .map_err(|e| e.into_error())
@@ -454,8 +443,63 @@ fn cmd_dump(
     Ok(())
 }
 
+/// Feeds `f` the records `ctl_mboxlist -d` reads (`mboxlist_allmbox` iterates the `N` keys)
+/// and returns how many records were read and the layout Cyrus' upgrade check sees
+/// ([`entry::detect_step`] over the records from the start until one decides). Once the
+/// layout is decided, the reader skips to the first `N` key along the skip-list pointers
+/// (like Cyrus' `foreach` with a prefix) and stops after the last one, so the `I`, `A` and
+/// other records around them are not read; where it cannot seek (skiplist, flat) it reads
+/// up to them instead.
+fn for_each_n_record(
+    reader: &mut DbReader,
+    progress: &Progress,
+    file: &Path,
+    mut f: impl FnMut(&[u8], &[u8]) -> Result<()>,
+) -> Result<(u64, Option<Layout>)> {
+    let ctx = |e: db::DbError| anyhow!(e).context(format!("cannot read {}", file.display()));
+    let mut layout = None;
+    let mut n = 0u64;
+    let mut sought = false;
+    // At or past the first `N` key: the next key without `N` ends the range.
+    let mut in_range = false;
+    while let Some((k, v)) = reader.next_record().map_err(ctx)? {
+        n += 1;
+        progress.tick(n);
+        if layout.is_none() {
+            layout = entry::detect_step(k, v);
+        }
+        if k.first() == Some(&b'N') {
+            in_range = true;
+            f(k, v)?;
+        } else if layout.is_some() {
+            if in_range {
+                break;
+            }
+            if !sought {
+                sought = true;
+                in_range = reader.seek(b"N").map_err(ctx)?;
+            }
+        }
+    }
+    Ok((n, layout))
+}
+
 fn show(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
+}
+
+/// Standard input as a file that can be read more than once: itself when it is a regular
+/// file (from its current position), else a temporary copy.
+fn seekable_stdin() -> io::Result<std::fs::File> {
+    use std::os::fd::AsFd;
+    let mut f = std::fs::File::from(io::stdin().as_fd().try_clone_to_owned()?);
+    if f.metadata()?.is_file() {
+        return Ok(f);
+    }
+    let mut t = dump::anonymous_temp_file()?;
+    io::copy(&mut f, &mut t)?;
+    io::Seek::rewind(&mut t)?;
+    Ok(t)
 }
 
 fn cmd_undump(
@@ -478,32 +522,27 @@ fn cmd_undump(
     } else {
         MtimePolicy::FromDump { fallback: t }
     };
-    let mut u = Undump::new();
-    let stdin = io::stdin().lock();
-    let input: Box<dyn BufRead> = Box::new(io::BufReader::with_capacity(1 << 16, stdin));
-    u.read_auto(input, legacy, policy)
-        .context("cannot undump standard input")?;
-    for w in &u.warnings {
-        ui.warn(w);
-    }
-    let (stored, skipped) = (u.stored, u.skipped);
-    let mut records: Vec<(Vec<u8>, Vec<u8>)> = u.into_records().into_iter().collect();
-    let order = backend.default_order();
-    if backend != Backend::Twoskip {
-        records.sort_by(|a, b| order.compare(&a.0, &b.0));
-    }
+    // The dump is read in passes and never held whole: a file on stdin is read in place, a
+    // pipe is first copied to an anonymous temporary file.
+    let input = seekable_stdin().context("cannot read standard input")?;
+    let (records, stats) = dump::undump_stream(
+        input,
+        &dump::UndumpOptions {
+            legacy_l: legacy,
+            mtime: policy,
+            order: backend.default_order(),
+        },
+        &mut |w| ui.warn(w),
+    )
+    .context("cannot undump standard input")?;
+    let (stored, skipped) = (stats.stored, stats.skipped);
     let opts = WriteOptions {
         overwrite: force,
         ..WriteOptions::default()
     };
-    let n = records.len();
-    db::write(
-        out,
-        backend,
-        records.into_iter().map(Ok::<_, io::Error>),
-        &opts,
-    )
-    .with_context(|| format!("cannot write {}", out.display()))?;
+    let n = db::write(out, backend, records, &opts)
+        .with_context(|| format!("cannot write {}", out.display()))?
+        .records;
     ui.warn(format_args!(
         "{}: {stored} mailboxes stored ({n} records), {skipped} skipped",
         out.display()

@@ -30,7 +30,9 @@ use std::sync::Arc;
 use anyhow::{anyhow, bail, Context, Result};
 use clap::{Args, ValueEnum};
 use mupdate::cyrus::db::{self, Backend, ReadOptions, WriteOptions};
-use mupdate::cyrus::dump::{DumpOptions, DumpWriter, MtimePolicy, Undump};
+use mupdate::cyrus::dump::{
+    undump_stream, DumpOptions, DumpWriter, MtimePolicy, SortedRecords, UndumpOptions,
+};
 use mupdate::cyrus::entry::{self, KeyKind, Layout};
 use mupdate::cyrus::kept::{self, ExportKind};
 use mupdate::cyrus::mboxname;
@@ -199,9 +201,9 @@ impl Converter {
 pub enum Records {
     /// A mailboxes.db, streamed.
     Db(db::DbReader),
-    /// A dump, as `ctl_mboxlist -u` would store it in an empty db (held in memory: the I
-    /// records depend on earlier entries).
-    Dump(std::collections::btree_map::IntoIter<Vec<u8>, Vec<u8>>),
+    /// A dump, as `ctl_mboxlist -u` would store it in an empty db, in raw key order
+    /// (streamed: see `undump_stream`).
+    Dump(SortedRecords),
 }
 
 impl Records {
@@ -214,7 +216,8 @@ impl Records {
                 }
             }
             Records::Dump(it) => {
-                for (k, v) in it {
+                for r in it {
+                    let (k, v) = r.context("reading the sorted dump records back")?;
                     f(&k, &v)?;
                 }
             }
@@ -288,24 +291,25 @@ pub fn open_source(ui: &Ui, path: &Path, format: SourceFormat) -> Result<Source>
         SourceFormat::Dump | SourceFormat::DumpL | SourceFormat::Auto => {
             let f =
                 fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
-            let mut u = Undump::new();
-            u.read_auto(
-                io::BufReader::with_capacity(1 << 16, f),
-                format == SourceFormat::DumpL,
+            // Streamed (`undump_stream`): read in passes, records sorted through temporary
+            // files; memory does not grow with the number of entries.
+            let opts = UndumpOptions {
+                legacy_l: format == SourceFormat::DumpL,
                 // As `undump`: entries without an mtime get the current time (Cyrus gives
                 // every entry the current time).
-                MtimePolicy::FromDump {
+                mtime: MtimePolicy::FromDump {
                     fallback: std::time::SystemTime::now()
                         .duration_since(std::time::UNIX_EPOCH)
                         .map_or(0, |d| d.as_secs() as i64),
                 },
-            )
+                order: db::Order::Raw,
+            };
+            let (records, _) = undump_stream(f, &opts, &mut |w| {
+                ui.warn(format_args!("{}: {w}", path.display()))
+            })
             .with_context(|| format!("cannot read the dump {}", path.display()))?;
-            for w in &u.warnings {
-                ui.warn(format_args!("{}: {w}", path.display()));
-            }
             Ok(Source {
-                records: Records::Dump(u.into_records().into_iter()),
+                records: Records::Dump(records),
                 layout: Layout::V36,
                 what: "dump",
             })
