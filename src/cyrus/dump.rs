@@ -609,14 +609,20 @@ pub fn undump_stream<R: Read + Seek>(
         _ => UndumpFormat::Lines2x,
     };
 
-    // Pass 1: the keys each entry touches.
+    // Pass 1: the keys each entry touches. Every member's name counts (a repeated name
+    // matters even when a value is skipped); a uniqueid counts only when its member would be
+    // stored, so that a tombstone (no partition) does not tie itself to the renamed mailbox.
     let mut hashes = Vec::new();
+    let mut scratch = Vec::new();
     match format {
         UndumpFormat::Json => json_members(rewind(&mut input, start)?, |name, v| {
             hashes.push(n_hash(name.as_bytes()));
-            if let Some(u) = jstr(&v, "uniqueid") {
-                hashes.push(i_hash(u.as_bytes()));
+            if let Ok(Some(e)) = json_entry(&name, &v, opts.mtime, &mut scratch) {
+                if let Some(u) = &e.uniqueid {
+                    hashes.push(i_hash(u));
+                }
             }
+            scratch.clear();
             Ok(())
         })?,
         _ => for_each_line(rewind(&mut input, start)?, |_, line| {
@@ -1991,6 +1997,18 @@ mod undump_stream_tests {
             // (Case 1's last value is skipped before it is stored.)
             assert!(st.is_none_or(|s| i == 1 || s.interacting >= 1), "case {i}");
         }
+        // A tombstone (no partition) and the mailbox it was renamed to share the uniqueid,
+        // but the tombstone is never stored: nothing to replay.
+        let st = both(
+            &doc(&[
+                "\"user.bob\": {\"mbtype\": \"ed\", \"uniqueid\": \"u\"}".into(),
+                member("user.bob.new", Some("u"), ""),
+            ]),
+            false,
+            Order::Raw,
+        )
+        .unwrap();
+        assert_eq!((st.stored, st.skipped, st.interacting), (1, 1, 0));
         // A bad letter that is parsed aborts.
         assert!(both(
             &doc(&["\"a\": {\"mbtype\": \"eQ\", \"partition\": \"p\"}".into()]),
