@@ -361,7 +361,12 @@ impl OrderCheck {
 
     /// `Err(message)` when `cur` does not follow `prev`.
     pub(crate) fn step(&mut self, prev: &[u8], cur: &[u8]) -> Result<(), String> {
-        if !self.enabled {
+        if !self.enabled
+            || self
+                .candidates
+                .iter()
+                .all(|o| o.compare(prev, cur) == Ordering::Less)
+        {
             return Ok(());
         }
         let before = self.candidates.clone();
@@ -384,6 +389,35 @@ impl OrderCheck {
     pub(crate) fn orders(&self) -> &[Order] {
         &self.candidates
     }
+
+    /// The order in which to search for the first key not less than `key`: `Some` when every
+    /// order the file may still be in ranks every possible key against `key` the same way
+    /// (always once the order is fixed; see [`ranks_alike`]). `None` when the check is off:
+    /// keys need not be sorted then.
+    pub(crate) fn search_order(&self, key: &[u8]) -> Option<Order> {
+        if !self.enabled {
+            return None;
+        }
+        let (&first, rest) = self.candidates.split_first()?;
+        rest.iter()
+            .all(|&o| ranks_alike(first, o, key))
+            .then_some(first)
+    }
+}
+
+/// Whether `a` and `b` compare every key with `key` alike. Raw, signed and mbox are
+/// lexicographic over a per-byte map, so it is enough that they rank every byte alike
+/// against each byte of `key` (then the first unequal position and its sign agree). Flat
+/// order escapes bytes first and is only alike with itself.
+fn ranks_alike(a: Order, b: Order, key: &[u8]) -> bool {
+    if a == b {
+        return true;
+    }
+    if a == Order::FlatMbox || b == Order::FlatMbox {
+        return false;
+    }
+    key.iter()
+        .all(|&p| (0..=255u8).all(|c| a.compare(&[c], &[p]) == b.compare(&[c], &[p])))
 }
 
 /// A short printable form of a key for messages.
@@ -455,8 +489,10 @@ impl<'a, V: Copy> KeyIndex<'a, V> {
 // Memory map
 // ---------------------------------------------------------------------------------------------
 
-/// A read-only private mapping of a whole file. Reading through the page cache keeps memory
-/// flat however large the database is, and the skip-list formats need random access.
+/// A read-only shared mapping of a whole file. Reading through the page cache keeps memory
+/// flat however large the database is, and the skip-list formats need random access. Pages
+/// a sequential scan has finished with are handed back ([`Map::release`], [`Behind`]), so
+/// the resident set stays a few MiB however large the file is.
 pub(crate) struct Map {
     ptr: *mut libc::c_void,
     len: usize,
@@ -486,15 +522,17 @@ impl Map {
             });
         }
         use std::os::unix::io::AsRawFd;
-        // SAFETY: we ask for a fresh read-only private mapping of `len` bytes of an open file
+        // SAFETY: we ask for a fresh read-only shared mapping of `len` bytes of an open file
         // descriptor; the kernel chooses the address, and the result is checked against
         // MAP_FAILED before use. The mapping outlives the descriptor, which may be closed.
+        // (Shared, like Cyrus' own map_refresh: with PROT_READ nothing is ever written, and
+        // MADV_DONTNEED on a shared file mapping is documented to refill from the file.)
         let ptr = unsafe {
             libc::mmap(
                 std::ptr::null_mut(),
                 len,
                 libc::PROT_READ,
-                libc::MAP_PRIVATE,
+                libc::MAP_SHARED,
                 file.as_raw_fd(),
                 0,
             )
@@ -513,6 +551,76 @@ impl Map {
         // (unmapped only in Drop), so the slice is valid for the borrow of `self`. The module
         // documentation states the caller's duty not to modify the file meanwhile.
         unsafe { std::slice::from_raw_parts(self.ptr as *const u8, self.len) }
+    }
+}
+
+impl Map {
+    /// Drops this process's page-table references to the whole pages inside
+    /// `[from, to)`: they no longer count in its resident set, and the next read of them
+    /// faults them in again from the page cache (or the file). The bytes read are the same
+    /// either way, so this is only a hint; errors are ignored.
+    pub(crate) fn release(&self, from: u64, to: u64) {
+        let page = page_size();
+        let to = to.min(self.len as u64);
+        let from = from.div_ceil(page) * page;
+        let to = to / page * page;
+        if from >= to {
+            return;
+        }
+        // SAFETY: `[from, to)` is a page-aligned range inside the live mapping of `self`
+        // (`ptr` is page-aligned, `to <= len`). The mapping is a PROT_READ MAP_SHARED file
+        // mapping: MADV_DONTNEED does not unmap it or change what it contains, it only drops
+        // the page-table entries, and a later read refills them from the file's pages, which
+        // the module's contract says nobody modifies while the reader is open. Slices
+        // borrowed from `self` therefore stay valid and read the same bytes.
+        unsafe {
+            libc::madvise(
+                (self.ptr as *mut u8).add(from as usize) as *mut libc::c_void,
+                (to - from) as usize,
+                libc::MADV_DONTNEED,
+            );
+        }
+    }
+}
+
+fn page_size() -> u64 {
+    static PAGE: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    *PAGE.get_or_init(|| {
+        // SAFETY: sysconf has no preconditions.
+        let n = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+        if n > 0 {
+            n as u64
+        } else {
+            4096
+        }
+    })
+}
+
+/// How much of a sequential run a reader keeps mapped in before handing it back.
+const RELEASE_WINDOW: u64 = 4 << 20;
+
+/// Tracks the run of increasing offsets a scan reads and [releases](Map::release) what lies
+/// behind it every [`RELEASE_WINDOW`] bytes, so that a scan of a large file keeps a small
+/// resident set. A jump backwards or far ahead (a record appended after a repack, a seek)
+/// starts a new run: only bytes the scan itself walked over are released, and anything read
+/// again is simply faulted in again.
+#[derive(Debug, Default)]
+pub(crate) struct Behind {
+    start: u64,
+    end: u64,
+}
+
+impl Behind {
+    /// `[at, at + len)` has just been read.
+    pub(crate) fn read(&mut self, map: &Map, at: u64, len: u64) {
+        if at < self.end || at - self.end > RELEASE_WINDOW {
+            self.start = at;
+        }
+        self.end = at.saturating_add(len);
+        if at - self.start >= RELEASE_WINDOW {
+            map.release(self.start, at);
+            self.start = at / page_size() * page_size();
+        }
     }
 }
 
@@ -695,6 +803,27 @@ impl DbReader {
             DbReader::Twoskip(r) => r.next_record(),
             DbReader::Skiplist(r) => r.next_record(),
             DbReader::Flat(r) => r.next_record(),
+        }
+    }
+
+    /// Skips forward to the first remaining record whose key is not less than `key` in the
+    /// file's order, as Cyrus' `foreach` with a prefix starts (twoskip `find_loc`): on a
+    /// clean twoskip file it follows the skip-list pointers from the dummy and reads only the
+    /// records on that search path, never the pages of the records it skips. The skipped
+    /// records are not verified (neither does Cyrus read them); those after it are, as
+    /// usual. A crashed twoskip file walks level 0 (recovery has read it all already), a
+    /// replayed one searches its index.
+    ///
+    /// `Ok(false)` leaves the reader where it was: the backend has no such search here
+    /// (skiplist, flat), [`ReadOptions::unordered`] is on, or the order is not known yet
+    /// and the orders the file may be in rank keys differently against `key` (`N`, any key
+    /// of bytes `/` and above below 0x80, ranks alike in twoskip's raw and mbox orders).
+    /// Never moves backwards: when the last record read is already at or past `key` it
+    /// does nothing and returns `Ok(true)`.
+    pub fn seek(&mut self, key: &[u8]) -> Result<bool, DbError> {
+        match self {
+            DbReader::Twoskip(r) => r.seek(key),
+            DbReader::Skiplist(_) | DbReader::Flat(_) => Ok(false),
         }
     }
 

@@ -42,29 +42,51 @@ fn show(b: &[u8]) -> String {
 // ---------------------------------------------------------------------------------------
 // JSON output.
 
+/// What a byte becomes inside a jansson string: 0 itself, 1 a `\u00XX` escape, else the
+/// letter of a two-byte escape (`\"`, `\\`, `\b`, `\f`, `\n`, `\r`, `\t`).
+static JSON_ESCAPE: [u8; 256] = {
+    let mut t = [0u8; 256];
+    let mut c = 0;
+    while c < 0x20 {
+        t[c] = 1;
+        c += 1;
+    }
+    t[b'"' as usize] = b'"';
+    t[b'\\' as usize] = b'\\';
+    t[0x08] = b'b';
+    t[0x0C] = b'f';
+    t[b'\n' as usize] = b'n';
+    t[b'\r' as usize] = b'r';
+    t[b'\t' as usize] = b't';
+    t
+};
+
 /// A jansson-escaped JSON string: `"` and `\` escaped, `\b \f \n \r \t`, other control bytes
 /// as `\u00XX` (uppercase hex), everything else (DEL, non-ASCII UTF-8) raw.
+#[cfg(test)]
 fn json_str(out: &mut Vec<u8>, s: &str) {
+    json_bytes(out, s.as_bytes())
+}
+
+/// [`json_str`] of bytes already known to be UTF-8.
+fn json_bytes(out: &mut Vec<u8>, b: &[u8]) {
+    const HEX: &[u8; 16] = b"0123456789ABCDEF";
+    out.reserve(b.len() + 2);
     out.push(b'"');
-    let b = s.as_bytes();
     let mut start = 0;
     for (i, &c) in b.iter().enumerate() {
-        let esc: &[u8] = match c {
-            b'"' => b"\\\"",
-            b'\\' => b"\\\\",
-            0x08 => b"\\b",
-            0x0C => b"\\f",
-            b'\n' => b"\\n",
-            b'\r' => b"\\r",
-            b'\t' => b"\\t",
-            c if c < 0x20 => b"",
-            _ => continue,
-        };
+        let esc = JSON_ESCAPE[c as usize];
+        if esc == 0 {
+            continue;
+        }
         out.extend_from_slice(&b[start..i]);
-        if esc.is_empty() {
-            out.extend_from_slice(format!("\\u{:04X}", c).as_bytes());
+        if esc == 1 {
+            out.extend_from_slice(b"\\u00");
+            out.push(HEX[(c >> 4) as usize]);
+            out.push(HEX[(c & 0xF) as usize]);
         } else {
-            out.extend_from_slice(esc);
+            out.push(b'\\');
+            out.push(esc);
         }
         start = i + 1;
     }
@@ -77,106 +99,282 @@ fn utf8(s: &[u8]) -> Option<&str> {
     std::str::from_utf8(cstr(s)).ok()
 }
 
-fn member_str(out: &mut Vec<u8>, first: &mut bool, key: &str, v: &str) {
-    if !*first {
-        out.extend_from_slice(b", ");
+/// The decimal digits of `v`.
+fn push_u64(out: &mut Vec<u8>, mut v: u64) {
+    let mut buf = [0u8; 20];
+    let mut i = buf.len();
+    loop {
+        i -= 1;
+        buf[i] = b'0' + (v % 10) as u8;
+        v /= 10;
+        if v == 0 {
+            break;
+        }
     }
-    *first = false;
-    json_str(out, key);
-    out.extend_from_slice(b": ");
-    json_str(out, v);
+    out.extend_from_slice(&buf[i..]);
 }
 
-fn member_num(out: &mut Vec<u8>, first: &mut bool, key: &str, v: impl std::fmt::Display) {
+fn push_i64(out: &mut Vec<u8>, v: i64) {
+    if v < 0 {
+        out.push(b'-');
+    }
+    push_u64(out, v.unsigned_abs());
+}
+
+/// `, "key": ` before every member but the first; `key` is a JSON-ready ASCII literal
+/// without quotes (no escapes needed).
+fn member_key(out: &mut Vec<u8>, first: &mut bool, key: &[u8]) {
     if !*first {
         out.extend_from_slice(b", ");
     }
     *first = false;
-    json_str(out, key);
-    out.extend_from_slice(b": \"");
-    write!(out, "{v}").expect("writing to a Vec cannot fail");
     out.push(b'"');
+    out.extend_from_slice(key);
+    out.extend_from_slice(b"\": ");
+}
+
+fn member_str(out: &mut Vec<u8>, first: &mut bool, key: &[u8], v: &[u8]) {
+    member_key(out, first, key);
+    json_bytes(out, v);
+}
+
+/// A number member: Cyrus prints numbers as JSON strings (`"mtime": "1700000000"`).
+fn member_u64(out: &mut Vec<u8>, first: &mut bool, key: &[u8], v: u64) {
+    member_key(out, first, key);
+    out.push(b'"');
+    push_u64(out, v);
+    out.push(b'"');
+}
+
+fn member_i64(out: &mut Vec<u8>, first: &mut bool, key: &[u8], v: i64) {
+    member_key(out, first, key);
+    out.push(b'"');
+    push_i64(out, v);
+    out.push(b'"');
+}
+
+/// An ACL as the dump sees it: the `id TAB rights TAB …` string of an [`Entry`], or the
+/// pairs of a [`entry::PlainN`] (which contain no TAB, so they are the pairs the string of
+/// the same entry splits into).
+#[derive(Clone, Copy)]
+enum Acl<'a> {
+    Text(Option<&'a [u8]>),
+    Pairs(&'a [(&'a [u8], &'a [u8])]),
 }
 
 /// `acl_to_json`: pairs split on TAB; a pair whose identifier or rights is not UTF-8 is
 /// dropped; a repeated identifier takes the later rights at its first position.
+#[cfg(test)]
 fn acl_json(out: &mut Vec<u8>, acl: Option<&[u8]>) {
-    let mut pairs: Vec<(&str, &str)> = Vec::new();
-    for (id, rights) in entry::acl_pairs(acl.unwrap_or_default()) {
-        let (Some(id), Some(rights)) = (utf8(id), utf8(rights)) else {
-            continue;
+    acl_json_of(out, Acl::Text(acl), false)
+}
+
+/// `checked`: every identifier and rights string is known to be UTF-8 without NUL.
+fn acl_json_of<'a>(out: &mut Vec<u8>, acl: Acl<'a>, checked: bool) {
+    // Nearly every ACL has a handful of pairs: dedupe them on the stack.
+    const INLINE: usize = 16;
+    let mut inline: [(&'a [u8], &'a [u8]); INLINE] = [(&[], &[]); INLINE];
+    let mut n = 0;
+    let mut spill: Vec<(&'a [u8], &'a [u8])> = Vec::new();
+    let mut add = |id: &'a [u8], rights: &'a [u8]| {
+        let (id, rights) = if checked {
+            (id, rights)
+        } else {
+            let (Some(id), Some(rights)) = (utf8(id), utf8(rights)) else {
+                return;
+            };
+            (id.as_bytes(), rights.as_bytes())
         };
-        match pairs.iter_mut().find(|(k, _)| *k == id) {
-            Some(p) => p.1 = rights,
-            None => pairs.push((id, rights)),
+        if let Some(p) = inline[..n]
+            .iter_mut()
+            .chain(spill.iter_mut())
+            .find(|(k, _)| *k == id)
+        {
+            p.1 = rights;
+        } else if n < INLINE {
+            inline[n] = (id, rights);
+            n += 1;
+        } else {
+            spill.push((id, rights));
         }
+    };
+    match acl {
+        Acl::Text(t) => entry::acl_pairs(t.unwrap_or_default()).for_each(|(i, r)| add(i, r)),
+        Acl::Pairs(p) => p.iter().for_each(|&(i, r)| add(i, r)),
     }
     out.push(b'{');
     let mut first = true;
-    for (id, rights) in pairs {
-        member_str(out, &mut first, id, rights);
+    for &(id, rights) in inline[..n].iter().chain(spill.iter()) {
+        if !first {
+            out.extend_from_slice(b", ");
+        }
+        first = false;
+        json_bytes(out, id);
+        out.extend_from_slice(b": ");
+        json_bytes(out, rights);
     }
     out.push(b'}');
+}
+
+/// The parts of an entry that the JSON shows, borrowed from an [`Entry`] or from the value
+/// bytes of a plain `N` record.
+struct JsonView<'a> {
+    name: &'a [u8],
+    mbtype: u32,
+    partition: Option<&'a [u8]>,
+    server: Option<&'a [u8]>,
+    acl: Acl<'a>,
+    uniqueid: Option<&'a [u8]>,
+    legacy_specialuse: Option<&'a [u8]>,
+    mtime: i64,
+    uidvalidity: u32,
+    createdmodseq: u64,
+    foldermodseq: u64,
+    name_history: &'a [FormerName],
+    /// Every string above is known to be UTF-8 without NUL (so none is cut or left out).
+    checked: bool,
+}
+
+impl<'a> JsonView<'a> {
+    fn of(e: &'a Entry) -> Self {
+        JsonView {
+            name: &e.name,
+            mbtype: e.mbtype,
+            partition: e.partition.as_deref(),
+            server: e.server.as_deref(),
+            acl: Acl::Text(e.acl.as_deref()),
+            uniqueid: e.uniqueid.as_deref(),
+            legacy_specialuse: e.legacy_specialuse.as_deref(),
+            mtime: e.mtime,
+            uidvalidity: e.uidvalidity,
+            createdmodseq: e.createdmodseq,
+            foldermodseq: e.foldermodseq,
+            name_history: &e.name_history,
+            checked: false,
+        }
+    }
+
+    /// `s` as `json_string` takes it: up to a NUL, when UTF-8.
+    fn text<'s>(&self, s: &'s [u8]) -> Option<&'s [u8]> {
+        if self.checked {
+            Some(s)
+        } else {
+            utf8(s).map(str::as_bytes)
+        }
+    }
+
+    /// `ascii`: the value (and so every string of `f`) is ASCII; `f` has no NUL.
+    fn plain(name: &'a [u8], f: &'a entry::PlainN<'a>, ascii: bool) -> Self {
+        JsonView {
+            name,
+            mbtype: f.mbtype,
+            partition: f.partition,
+            server: f.server,
+            acl: if f.saw_acl {
+                Acl::Pairs(f.acl_pairs())
+            } else {
+                Acl::Text(None)
+            },
+            uniqueid: f.uniqueid,
+            legacy_specialuse: None,
+            mtime: f.mtime,
+            uidvalidity: f.uidvalidity,
+            createdmodseq: f.createdmodseq,
+            foldermodseq: f.foldermodseq,
+            name_history: &[],
+            checked: ascii && name.is_ascii(),
+        }
+    }
 }
 
 /// The JSON text of one entry: `"<name>": {…}` (empty when the name is not UTF-8, which is
 /// what Cyrus prints, §8.4 quirks).
 pub fn entry_json(out: &mut Vec<u8>, e: &Entry) -> Result<(), EntryError> {
-    let letters = mbtype::to_letters(e.mbtype)?;
-    let Some(name) = utf8(&e.name) else {
+    view_json(out, &JsonView::of(e))
+}
+
+fn view_json(out: &mut Vec<u8>, e: &JsonView<'_>) -> Result<(), EntryError> {
+    let mut lbuf = [0u8; 7];
+    let letters = mbtype::letters(e.mbtype, &mut lbuf)?;
+    let Some(name) = e.text(e.name) else {
         return Ok(());
     };
-    // The history letters are computed up front so that an abort leaves `out` untouched.
-    let hist_letters: Vec<String> = e
-        .name_history
-        .iter()
-        .map(|h| mbtype::to_letters(h.mbtype))
-        .collect::<Result<_, _>>()?;
-    json_str(out, name);
+    // The history letters are checked up front so that an abort leaves `out` untouched.
+    for h in e.name_history {
+        mbtype::letters(h.mbtype, &mut [0u8; 7])?;
+    }
+    json_bytes(out, name);
     out.extend_from_slice(b": {");
     let mut first = true;
-    member_str(out, &mut first, "name", name);
-    member_num(out, &mut first, "mtime", e.mtime);
-    member_num(out, &mut first, "uidvalidity", e.uidvalidity);
-    member_num(out, &mut first, "createdmodseq", e.createdmodseq);
-    member_num(out, &mut first, "foldermodseq", e.foldermodseq);
-    member_str(out, &mut first, "mbtype", &letters);
-    if let Some(p) = e.partition.as_deref().and_then(utf8) {
-        member_str(out, &mut first, "partition", p);
+    member_str(out, &mut first, b"name", name);
+    member_i64(out, &mut first, b"mtime", e.mtime);
+    member_u64(out, &mut first, b"uidvalidity", u64::from(e.uidvalidity));
+    member_u64(out, &mut first, b"createdmodseq", e.createdmodseq);
+    member_u64(out, &mut first, b"foldermodseq", e.foldermodseq);
+    member_str(out, &mut first, b"mbtype", letters.as_bytes());
+    if let Some(p) = e.partition.and_then(|s| e.text(s)) {
+        member_str(out, &mut first, b"partition", p);
     }
-    if let Some(s) = e.server.as_deref().and_then(utf8) {
-        member_str(out, &mut first, "server", s);
+    if let Some(s) = e.server.and_then(|s| e.text(s)) {
+        member_str(out, &mut first, b"server", s);
     }
     out.extend_from_slice(b", \"acl\": ");
-    acl_json(out, e.acl.as_deref());
-    if let Some(u) = e.uniqueid.as_deref().and_then(utf8) {
-        member_str(out, &mut first, "uniqueid", u);
+    acl_json_of(out, e.acl, e.checked);
+    if let Some(u) = e.uniqueid.and_then(|s| e.text(s)) {
+        member_str(out, &mut first, b"uniqueid", u);
     }
-    if let Some(u) = e.legacy_specialuse.as_deref().and_then(utf8) {
-        member_str(out, &mut first, "legacy_specialuse", u);
+    if let Some(u) = e.legacy_specialuse.and_then(|s| e.text(s)) {
+        member_str(out, &mut first, b"legacy_specialuse", u);
     }
     out.extend_from_slice(b", \"name_history\": [");
-    for (i, (h, letters)) in e.name_history.iter().zip(&hist_letters).enumerate() {
+    for (i, h) in e.name_history.iter().enumerate() {
         if i > 0 {
             out.extend_from_slice(b", ");
         }
         out.push(b'{');
         let mut f = true;
         if let Some(n) = utf8(&h.name) {
-            member_str(out, &mut f, "name", n);
+            member_str(out, &mut f, b"name", n.as_bytes());
         }
-        member_num(out, &mut f, "mtime", h.mtime);
-        member_num(out, &mut f, "uidvalidity", h.uidvalidity);
-        member_num(out, &mut f, "createdmodseq", h.createdmodseq);
-        member_num(out, &mut f, "foldermodseq", h.foldermodseq);
-        member_str(out, &mut f, "mbtype", letters);
+        member_i64(out, &mut f, b"mtime", h.mtime);
+        member_u64(out, &mut f, b"uidvalidity", u64::from(h.uidvalidity));
+        member_u64(out, &mut f, b"createdmodseq", h.createdmodseq);
+        member_u64(out, &mut f, b"foldermodseq", h.foldermodseq);
+        let mut hl = [0u8; 7];
+        let hletters = mbtype::letters(h.mbtype, &mut hl)?;
+        member_str(out, &mut f, b"mbtype", hletters.as_bytes());
         if let Some(p) = h.partition.as_deref().and_then(utf8) {
-            member_str(out, &mut f, "partition", p);
+            member_str(out, &mut f, b"partition", p.as_bytes());
         }
         out.push(b'}');
     }
     out.extend_from_slice(b"]}");
     Ok(())
+}
+
+/// [`mboxname::from_dbname_cyrus`]`(db)` into `out`, reusing its allocation; `db` has no
+/// NUL (it went through `cstr`). For the dbnames
+/// Cyrus writes (no NUL, no empty domain, no empty part, not `DELETED…`) Cyrus' transform is
+/// the plain one of [`mboxname::from_dbname_into`]: each 0x1F a `.`, each `.` a `^`, the
+/// domain's 0x1D a `!`. Anything else takes the Cyrus transform itself.
+fn dump_name(db: &[u8], out: &mut Vec<u8>) {
+    use mboxname::{DELETED_PREFIX, DOMAIN_SEP, HIER_SEP};
+    let rest = match db.iter().position(|&b| b == DOMAIN_SEP) {
+        Some(0) => None,
+        Some(i) => Some(&db[i + 1..]),
+        None => Some(db),
+    };
+    let plain = rest.is_some_and(|r| {
+        r.first().is_some_and(|&b| b != HIER_SEP)
+            && r.last() != Some(&HIER_SEP)
+            && !r.windows(2).any(|w| w == [HIER_SEP, HIER_SEP])
+            && !r.starts_with(DELETED_PREFIX)
+    });
+    if plain {
+        mboxname::from_dbname_into(db, out);
+    } else {
+        *out = mboxname::from_dbname_cyrus(db);
+    }
 }
 
 /// What `ctl_mboxlist -d` prints.
@@ -199,11 +397,17 @@ pub struct DumpStats {
     pub other_keys: u64,
 }
 
+/// Output is handed to the writer in chunks of about this size.
+const DUMP_CHUNK: usize = 64 * 1024;
+
 /// Streaming `ctl_mboxlist -d [-y]` writer: feed it every raw (key, value) in database order.
 pub struct DumpWriter<W: Write> {
     out: W,
     opts: DumpOptions,
+    /// Output not yet handed to `out` (whole entries only).
     buf: Vec<u8>,
+    /// The name of the entry being written (reused).
+    name: Vec<u8>,
     started: bool,
     stats: DumpStats,
 }
@@ -215,7 +419,8 @@ impl<W: Write> DumpWriter<W> {
         Ok(DumpWriter {
             out,
             opts,
-            buf: Vec::with_capacity(1024),
+            buf: Vec::with_capacity(DUMP_CHUNK + 4096),
+            name: Vec::with_capacity(256),
             started: false,
             stats: DumpStats::default(),
         })
@@ -229,52 +434,189 @@ impl<W: Write> DumpWriter<W> {
             self.stats.other_keys += 1;
             return Ok(());
         };
+        let r = self.name_record(dbname, value);
+        r.map_err(|source| {
+            // What was printed before stays printed, as when every entry was written at once.
+            let _ = self.flush_buf();
+            DumpError::Entry {
+                key: show(key),
+                source,
+            }
+        })
+    }
+
+    fn name_record(&mut self, dbname: &[u8], value: &[u8]) -> Result<(), EntryError> {
+        // The values Cyrus writes, without building an `Entry`.
+        if let Some(f) = entry::parse_n_plain(value) {
+            if self.skipped(f.mbtype, f.partition) {
+                return Ok(());
+            }
+            let db = cstr(dbname);
+            let mut name = std::mem::take(&mut self.name);
+            dump_name(&db[..db.len().min(MAX_MAILBOX_NAME)], &mut name);
+            let r = self.push(&JsonView::plain(&name, &f, value.is_ascii()));
+            self.name = name;
+            return r;
+        }
         let e = match parse_entry(Some(dbname), value) {
             Ok(e) => e,
             Err(EntryError::BadFormat(_)) => {
                 self.stats.unreadable += 1;
                 return Ok(());
             }
-            Err(source) => {
-                return Err(DumpError::Entry {
-                    key: show(key),
-                    source,
-                })
-            }
+            Err(err) => return Err(err),
         };
-        self.entry(&e).map_err(|source| DumpError::Entry {
-            key: show(key),
-            source,
-        })
+        self.entry(&e)
+    }
+
+    /// `-y` and `-p`.
+    fn skipped(&self, mbtype: u32, partition: Option<&[u8]>) -> bool {
+        if mbtype & mbtype::INTERMEDIATE != 0 && !self.opts.intermediates {
+            return true;
+        }
+        if let Some(p) = &self.opts.partition {
+            if partition.map(cstr) != Some(cstr(p)) {
+                return true;
+            }
+        }
+        false
     }
 
     /// One parsed entry, filtered like `-d [-y] [-p]`.
     pub fn entry(&mut self, e: &Entry) -> Result<(), EntryError> {
-        if e.mbtype & mbtype::INTERMEDIATE != 0 && !self.opts.intermediates {
+        if self.skipped(e.mbtype, e.partition.as_deref()) {
             return Ok(());
         }
-        if let Some(p) = &self.opts.partition {
-            if e.partition.as_deref().map(cstr) != Some(cstr(p)) {
-                return Ok(());
-            }
-        }
-        self.buf.clear();
+        self.push(&JsonView::of(e)).inspect_err(|_| {
+            let _ = self.flush_buf();
+        })
+    }
+
+    fn push(&mut self, v: &JsonView<'_>) -> Result<(), EntryError> {
+        let mark = self.buf.len();
         if self.started {
             self.buf.extend_from_slice(b",\n");
         }
-        entry_json(&mut self.buf, e)?;
+        if let Err(err) = view_json(&mut self.buf, v) {
+            self.buf.truncate(mark);
+            return Err(err);
+        }
         self.started = true;
         self.stats.printed += 1;
-        self.out
-            .write_all(&self.buf)
-            .map_err(|err| EntryError::BadFormat(format!("write: {err}")))
+        if self.buf.len() >= DUMP_CHUNK {
+            self.flush_buf()
+                .map_err(|err| EntryError::BadFormat(format!("write: {err}")))?;
+        }
+        Ok(())
+    }
+
+    fn flush_buf(&mut self) -> io::Result<()> {
+        let r = self.out.write_all(&self.buf);
+        self.buf.clear();
+        r
     }
 
     /// Writes the closing `\n}\n` and returns the output and the counters.
     pub fn finish(mut self) -> io::Result<(W, DumpStats)> {
-        self.out.write_all(b"\n}\n")?;
+        self.buf.extend_from_slice(b"\n}\n");
+        self.flush_buf()?;
         self.out.flush()?;
         Ok((self.out, self.stats))
+    }
+}
+
+#[cfg(test)]
+mod writer_tests {
+    use super::*;
+
+    /// What [`DumpWriter::record`] printed before it had a fast path: `parse_entry`, then
+    /// the entry.
+    fn general(key: &[u8], value: &[u8], opts: &DumpOptions) -> Result<Vec<u8>, String> {
+        let mut w = DumpWriter::new(Vec::new(), opts.clone()).unwrap();
+        let KeyKind::Name(dbname) = entry::key_kind(key) else {
+            unreachable!()
+        };
+        match parse_entry(Some(dbname), value) {
+            Ok(e) => w.entry(&e).map_err(|e| e.to_string())?,
+            Err(EntryError::BadFormat(_)) => {}
+            Err(e) => return Err(e.to_string()),
+        }
+        Ok(w.finish().unwrap().0)
+    }
+
+    fn fast(key: &[u8], value: &[u8], opts: &DumpOptions) -> Result<Vec<u8>, String> {
+        let mut w = DumpWriter::new(Vec::new(), opts.clone()).unwrap();
+        w.record(key, value).map_err(|e| match e {
+            DumpError::Entry { source, .. } => source.to_string(),
+            other => other.to_string(),
+        })?;
+        Ok(w.finish().unwrap().0)
+    }
+
+    #[test]
+    fn record_prints_what_parse_entry_and_entry_print() {
+        let keys: &[&[u8]] = &[
+            b"Nuser\x1Fbob",
+            b"Nuser\x1Fbob\x1FSent",
+            b"Nexample.com\x1Duser\x1Fa.b\x1Fx^y",
+            b"Nshared\x1F\x1Fx",
+            b"N\x1Fuser\x1Fq",
+            b"N\x1Duser\x1Fq",
+            b"NDELETED\x1Fuser\x1Fq\x1F5F000000",
+            b"NDELETED\x1Fuser\x1Fq\x1Fxyz",
+            b"Nuser\x1Fb\x00ob",
+            b"Nu\xC3\xA9\x1Fx",
+            b"Nu\xFF",
+            b"N",
+        ];
+        let opts = [
+            DumpOptions::default(),
+            DumpOptions {
+                intermediates: true,
+                partition: Some(b"default".to_vec()),
+            },
+        ];
+        for (i, v) in entry::sample_n_values(11, 6000).iter().enumerate() {
+            let key = keys[i % keys.len()];
+            let o = &opts[i % 2];
+            assert_eq!(
+                fast(key, v, o),
+                general(key, v, o),
+                "{:?} {:?}",
+                show(key),
+                show(v)
+            );
+        }
+    }
+
+    #[test]
+    fn dump_name_is_cyrus_transform() {
+        let parts: &[&[u8]] = &[
+            b"user",
+            b"DELETED",
+            b"a.b",
+            b"x^y",
+            b"",
+            b"\x1F",
+            b"\x1D",
+            b"5F000000",
+            b"bob",
+            b"\xC3\xA9",
+        ];
+        let mut state = 5u64;
+        let mut out = Vec::new();
+        for _ in 0..20_000 {
+            let mut db = Vec::new();
+            for _ in 0..(state >> 60) {
+                state = state
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                db.extend_from_slice(parts[(state >> 33) as usize % parts.len()]);
+            }
+            state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+            dump_name(&db, &mut out);
+            assert_eq!(out, mboxname::from_dbname_cyrus(&db), "{:?}", show(&db));
+        }
     }
 }
 

@@ -66,36 +66,48 @@ pub mod mbtype {
     /// `mboxlist_mbtype_to_string`: type letter, then `d m r z i l`. Cyrus asserts when
     /// nothing is printed (a type without a letter, e.g. 4 or 6, and no flag).
     pub fn to_letters(t: u32) -> Result<String, EntryError> {
-        let mut s = String::with_capacity(4);
-        match t & TYPE_MASK {
-            EMAIL => s.push('e'),
-            NETNEWS => s.push('n'),
-            COLLECTION => s.push('b'),
-            CALENDAR => s.push('c'),
-            ADDRESSBOOK => s.push('a'),
-            JMAPSUBMIT => s.push('s'),
-            JMAPPUSHSUB => s.push('p'),
-            SIEVE => s.push('f'),
-            _ => {}
+        let mut buf = [0u8; 7];
+        letters(t, &mut buf).map(str::to_owned)
+    }
+
+    /// [`to_letters`] into `buf` (at most 7 letters), without allocating.
+    pub fn letters(t: u32, buf: &mut [u8; 7]) -> Result<&str, EntryError> {
+        let mut n = 0;
+        let ty = match t & TYPE_MASK {
+            EMAIL => Some(b'e'),
+            NETNEWS => Some(b'n'),
+            COLLECTION => Some(b'b'),
+            CALENDAR => Some(b'c'),
+            ADDRESSBOOK => Some(b'a'),
+            JMAPSUBMIT => Some(b's'),
+            JMAPPUSHSUB => Some(b'p'),
+            SIEVE => Some(b'f'),
+            _ => None,
+        };
+        if let Some(c) = ty {
+            buf[0] = c;
+            n = 1;
         }
         for (bit, c) in [
-            (DELETED, 'd'),
-            (MOVING, 'm'),
-            (REMOTE, 'r'),
-            (RESERVE, 'z'),
-            (INTERMEDIATE, 'i'),
-            (LEGACY_DIRS, 'l'),
+            (DELETED, b'd'),
+            (MOVING, b'm'),
+            (REMOTE, b'r'),
+            (RESERVE, b'z'),
+            (INTERMEDIATE, b'i'),
+            (LEGACY_DIRS, b'l'),
         ] {
             if t & bit != 0 {
-                s.push(c);
+                buf[n] = c;
+                n += 1;
             }
         }
-        if s.is_empty() {
+        if n == 0 {
             return Err(EntryError::Abort(format!(
                 "mbtype 0x{t:X} has no letters (assertion in mboxlist_mbtype_to_string)"
             )));
         }
-        Ok(s)
+        // ASCII letters only.
+        Ok(std::str::from_utf8(&buf[..n]).unwrap_or("e"))
     }
 
     /// `mboxlist_string_to_mbtype`: an optional type letter first (`a b c e n p s`), then
@@ -307,6 +319,10 @@ pub struct Entry {
 
 /// The bytes of a C string: up to the first NUL.
 pub(crate) fn cstr(s: &[u8]) -> &[u8] {
+    // `contains` is a memchr; almost no value has a NUL.
+    if !s.contains(&0) {
+        return s;
+    }
     match s.iter().position(|&b| b == 0) {
         Some(i) => &s[..i],
         None => s,
@@ -601,6 +617,263 @@ fn parse_dlist_36(e: &mut Entry, mut have_name: bool, value: &[u8]) -> Result<()
     // missing one so that re-encoding gives the stored bytes back (JSON output is the same).
     e.acl = (saw_acl || !acl.is_empty()).then(|| cstr(&acl).to_vec());
     Ok(())
+}
+
+/// At most this many ACL pairs in a [`PlainN`]; longer ACLs take the general path.
+pub const PLAIN_ACL_MAX: usize = 24;
+
+/// The fields of a 3.6 `N` value of the plain shape [`parse_n_plain`] reads, borrowed from
+/// the value. They are exactly what [`parse_entry`] gives for it (less the name, which
+/// comes from the key).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PlainN<'a> {
+    pub mbtype: u32,
+    pub partition: Option<&'a [u8]>,
+    pub server: Option<&'a [u8]>,
+    pub uniqueid: Option<&'a [u8]>,
+    /// Whether there was an `A` kvlist ([`Entry::acl`] is `Some`).
+    pub saw_acl: bool,
+    /// The `(identifier, rights)` pairs of `A`, in order, duplicates kept: the first
+    /// `acl_len` entries.
+    pub acl: [(&'a [u8], &'a [u8]); PLAIN_ACL_MAX],
+    pub acl_len: usize,
+    pub mtime: i64,
+    pub uidvalidity: u32,
+    pub createdmodseq: u64,
+    pub foldermodseq: u64,
+}
+
+impl<'a> PlainN<'a> {
+    /// The ACL pairs.
+    pub fn acl_pairs(&self) -> &[(&'a [u8], &'a [u8])] {
+        &self.acl[..self.acl_len]
+    }
+}
+
+/// Whether `v` holds a NUL or TAB byte, eight bytes at a time.
+fn has_nul_or_tab(v: &[u8]) -> bool {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    const HIGH: u64 = 0x8080_8080_8080_8080;
+    // Nonzero exactly when some byte of `x` is zero.
+    let zero = |x: u64| x.wrapping_sub(ONES) & !x & HIGH;
+    let chunks = v.chunks_exact(8);
+    let tail = chunks.remainder();
+    let mut hit = 0;
+    for c in chunks {
+        let mut w = [0u8; 8];
+        w.copy_from_slice(c);
+        let x = u64::from_le_bytes(w);
+        hit |= zero(x) | zero(x ^ (ONES * u64::from(b'\t')));
+    }
+    hit != 0 || tail.iter().any(|&b| b == 0 || b == b'\t')
+}
+
+/// A plain atom at `p`: a non-empty run of bytes other than SP and `)` that does not start
+/// like a quoted string, literal, list or kvlist and is not `NIL`; with where it ends.
+fn plain_atom(v: &[u8], p: usize) -> Option<(&[u8], usize)> {
+    let first = *v.get(p)?;
+    if matches!(first, b'"' | b'{' | b'(' | b'%' | b' ' | b')') {
+        return None;
+    }
+    let len = v[p..].iter().position(|&b| b == b' ' || b == b')')?;
+    let atom = &v[p..p + len];
+    (atom != b"NIL").then_some((atom, p + len))
+}
+
+/// [`parse_entry`]`(Some(dbname), value)` without allocating, for the shape every 3.6
+/// `N` value Cyrus writes has: `%(KEY ATOM … A %(ID RIGHTS …) …)` with plain atoms (no
+/// quoted strings, literals, `NIL` or lists, no spaces before a `)`, and no NUL or TAB
+/// byte anywhere: a TAB would split differently once joined into the ACL string), at
+/// most one `A` kvlist of at most [`PLAIN_ACL_MAX`] pairs, no other kvlist, and a valid
+/// type. For those, the result is what the `dlist_parsesax` walk of [`parse_entry`] gives
+/// (an atom ends at a SP and sheds trailing `)`s there too, and every field is assigned the
+/// same way, the last occurrence winning); `None` sends anything else, errors included,
+/// to [`parse_entry`].
+pub fn parse_n_plain(value: &[u8]) -> Option<PlainN<'_>> {
+    let v = value;
+    // No NUL (C strings would end there) nor TAB (it splits ACL pairs) anywhere.
+    if v.len() < 3 || !v.starts_with(b"%(") || has_nul_or_tab(v) {
+        return None;
+    }
+    let end = v.len() - 1;
+    if v[end] != b')' {
+        return None;
+    }
+    let mut f = PlainN {
+        mbtype: 0,
+        partition: None,
+        server: None,
+        uniqueid: None,
+        saw_acl: false,
+        acl: [(&[][..], &[][..]); PLAIN_ACL_MAX],
+        acl_len: 0,
+        mtime: 0,
+        uidvalidity: 0,
+        createdmodseq: 0,
+        foldermodseq: 0,
+    };
+    let mut p = 2;
+    while p < end {
+        let (key, q) = plain_atom(v, p)?;
+        if v[q] != b' ' {
+            return None;
+        }
+        p = q + 1;
+        if v[p] == b'%' {
+            // Only the one ACL kvlist; any other would feed its strings to the top level.
+            if key != b"A" || f.saw_acl || v.get(p + 1) != Some(&b'(') {
+                return None;
+            }
+            f.saw_acl = true;
+            p += 2;
+            while v[p] != b')' {
+                let (id, q) = plain_atom(v, p)?;
+                if v[q] != b' ' {
+                    return None;
+                }
+                let (rights, q) = plain_atom(v, q + 1)?;
+                if f.acl_len == PLAIN_ACL_MAX {
+                    return None;
+                }
+                f.acl[f.acl_len] = (id, rights);
+                f.acl_len += 1;
+                p = q;
+                if v[p] == b' ' {
+                    p += 1;
+                    if v[p] == b')' {
+                        return None;
+                    }
+                }
+            }
+            p += 1;
+        } else {
+            let (a, q) = plain_atom(v, p)?;
+            p = q;
+            match key {
+                b"C" => f.createdmodseq = c_strtoul(a, 10).0,
+                b"F" => f.foldermodseq = c_strtoul(a, 10).0,
+                b"I" => f.uniqueid = Some(a),
+                b"M" => f.mtime = i64::from(c_atoi(a)),
+                b"P" => f.partition = Some(a),
+                b"S" => f.server = Some(a),
+                b"T" => f.mbtype = mbtype::from_letters(a).ok()?,
+                b"V" => f.uidvalidity = c_strtol(a).0 as u32,
+                // `N` is ignored when the key gives the name; the rest are not read.
+                _ => {}
+            }
+        }
+        // After a value: the closing `)` (which must be the last byte) or SP and more.
+        if p == end {
+            break;
+        }
+        if p > end || v[p] != b' ' || v[p + 1] == b')' {
+            return None;
+        }
+        p += 1;
+    }
+    Some(f)
+}
+
+/// `N` values for testing [`parse_n_plain`] against [`parse_entry`]: the shapes Cyrus
+/// writes, mixed with every quirk the fast path must leave to the general one.
+#[cfg(test)]
+pub(crate) fn sample_n_values(seed: u64, n: usize) -> Vec<Vec<u8>> {
+    const ITEMS: &[&[u8]] = &[
+        b"T e",
+        b"T er",
+        b"T ei",
+        b"T edm",
+        b"T x",
+        b"T NIL",
+        b"T rc",
+        b"P default",
+        b"P NIL",
+        b"P p\xC3\xA9",
+        b"P \xFF",
+        b"P a)b",
+        b"P \"q u\"",
+        b"P {3+}\r\nabc",
+        b"S backend1",
+        b"S be\tx",
+        b"I 5eed-0001",
+        b"I",
+        b"V 1690000000",
+        b"V -5",
+        b"V 99999999999",
+        b"V 12abc",
+        b"C 42",
+        b"C -1",
+        b"C 184467440737095516160",
+        b"F 7",
+        b"F 0x10",
+        b"M 1700000000",
+        b"M 99999999999",
+        b"M -3",
+        b"M  5",
+        b"N foo",
+        b"X junk",
+        b"A %(u1 lrswipkxtecdan anyone lrs)",
+        b"A %()",
+        b"A %(u1 lrs u1 x)",
+        b"A %(a\tb lrs)",
+        b"A x",
+        b"A %(u1 NIL)",
+        b"A %(u1 lrs )",
+        b"A %(u1)",
+        b"A %(u\xC3\xA9 l)",
+        b"A %(u\xFF l)",
+        b"A %(x %(y z))",
+        b"H ()",
+        b"H (%(N x))",
+        b"Z %(C 9)",
+        b"C 1)",
+        b"M 1))",
+        b"K\x00 v",
+        b"P a\x00b",
+        b"A %(\"u\" l)",
+    ];
+    let mut state = seed;
+    let mut next = move || {
+        state = state
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (state >> 33) as usize
+    };
+    let mut out = Vec::with_capacity(n);
+    for _ in 0..n {
+        let mut v = b"%(".to_vec();
+        let quirky = next() % 4 == 0;
+        let count = next() % 9;
+        for i in 0..count {
+            if i > 0 {
+                v.extend_from_slice(if quirky && next() % 8 == 0 {
+                    b"  "
+                } else {
+                    b" "
+                });
+            }
+            // Mostly the plain items, so that the fast path is exercised.
+            let pick = if quirky {
+                next() % ITEMS.len()
+            } else {
+                next() % 34
+            };
+            let item = ITEMS[pick];
+            if !quirky && item.iter().any(|&b| b == b'\\' || b >= 0x80 || b == b'"') {
+                continue;
+            }
+            v.extend_from_slice(item);
+        }
+        match (quirky, next() % 6) {
+            (true, 0) => {}
+            (true, 1) => v.extend_from_slice(b" )"),
+            (true, 2) => v.extend_from_slice(b") x"),
+            (true, 3) => v.extend_from_slice(b"))"),
+            _ => v.push(b')'),
+        }
+        out.push(v);
+    }
+    out
 }
 
 // ---------------------------------------------------------------------------------------
@@ -934,6 +1207,46 @@ pub fn encode_dlist_34(e: &Entry) -> Result<Vec<u8>, EntryError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn plain_n_parse_is_parse_entry() {
+        let mut fast = 0;
+        for v in sample_n_values(3, 20_000) {
+            let Some(f) = parse_n_plain(&v) else {
+                continue;
+            };
+            fast += 1;
+            let e = parse_entry(Some(b"user\x1Fbob"), &v)
+                .unwrap_or_else(|err| panic!("{:?}: fast path took it, {err}", show(&v)));
+            let acl: Option<Vec<u8>> = f.saw_acl.then(|| {
+                f.acl_pairs()
+                    .iter()
+                    .flat_map(|(i, r)| [*i, b"\t", *r, b"\t"].concat())
+                    .collect()
+            });
+            let got = Entry {
+                name: e.name.clone(),
+                mbtype: f.mbtype,
+                partition: f.partition.map(<[u8]>::to_vec),
+                server: f.server.map(<[u8]>::to_vec),
+                acl,
+                uniqueid: f.uniqueid.map(<[u8]>::to_vec),
+                legacy_specialuse: None,
+                mtime: f.mtime,
+                uidvalidity: f.uidvalidity,
+                createdmodseq: f.createdmodseq,
+                foldermodseq: f.foldermodseq,
+                name_history: Vec::new(),
+            };
+            assert_eq!(got, e, "{:?}", show(&v));
+        }
+        assert!(fast > 3_000, "only {fast} values took the fast path");
+        assert!(parse_n_plain(b"%(T er P default S backend01 M 1700000000 A %(u1 lrs))").is_some());
+    }
+
+    fn show(v: &[u8]) -> String {
+        String::from_utf8_lossy(v).into_owned()
+    }
 
     #[test]
     fn letters_36() {

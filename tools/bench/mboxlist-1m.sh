@@ -2,11 +2,14 @@
 # mboxlist on a 1,000,000-mailbox Cyrus 3.6.1 twoskip mailboxes.db written by the real Cyrus
 # tools, in one run:
 #
-#   tools/bench/mboxlist-1m.sh [N]        (default N = 1000000 mailboxes)
+#   tools/bench/mboxlist-1m.sh [--variant backend|murder|both] [N]   (default both, 1000000)
 #
-# 1. writes a `cyr_dbtool` batch (python3): N mailboxes of a 3.6 backend, each an `N` record
-#    and its `I` record (100 folders per user, ACLs, uniqueids, modseqs), and has
-#    `cyr_dbtool -C imapd.conf -n mailboxes.db twoskip batch` build the file;
+# For each variant:
+# 1. writes a `cyr_dbtool` batch (python3) of N mailboxes (100 folders per user, ACLs) and has
+#    `cyr_dbtool -C imapd.conf -n mailboxes.db twoskip batch` build the file. `backend`: a 3.6
+#    backend's file, each mailbox an `N` record and its `I` record (uniqueids, modseqs; the
+#    I keys sort first). `murder`: a murder frontend's/master's file, `N` records only
+#    (`%(T er P … S … M … A …)`, 10 backend servers);
 # 2. `mboxlist dump FILE` vs `ctl_mboxlist -d` on the same file: elapsed time and peak RSS
 #    (/usr/bin/time -f '%e %M'), outputs compared byte for byte;
 # 3. `mboxlist import --data-dir DIR FILE` into a new LMDB store (time, RSS, store size), then
@@ -23,6 +26,10 @@
 # the first `N` key and touches only the N half of the pages.
 set -euo pipefail
 
+VARIANT=both
+if [ "${1:-}" = --variant ]; then VARIANT=${2:?--variant needs backend, murder or both}; shift 2; fi
+case $VARIANT in backend | murder) VARIANTS=$VARIANT ;; both) VARIANTS="murder backend" ;;
+    *) echo "unknown variant: $VARIANT" >&2; exit 2 ;; esac
 N=${1:-1000000}
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 REPO=$(cd "$HERE/../.." && pwd)
@@ -38,9 +45,16 @@ done
 echo "building mboxlist (release)..." >&2
 (cd "$REPO" && cargo build --release -q -p mupdate-tools --bin mboxlist)
 
-W=$(mktemp -d /tmp/mboxlist-1m.XXXXXX)
-cleanup() { if [ "${KEEP:-0}" = 1 ]; then echo "kept $W" >&2; else rm -rf "$W"; fi; }
+W=
+cleanup() {
+    if [ -z "$W" ]; then return; fi
+    if [ "${KEEP:-0}" = 1 ]; then echo "kept $W" >&2; else rm -rf "$W"; fi
+    W=
+}
 trap cleanup EXIT
+
+run_variant() { # backend|murder
+W=$(mktemp -d /tmp/mboxlist-1m.XXXXXX)
 mkdir -p "$W/conf/db" "$W/spool"
 cat > "$W/imapd.conf" <<EOF
 configdirectory: $W/conf
@@ -50,10 +64,11 @@ mboxlist_db: twoskip
 EOF
 DB="$W/conf/mailboxes.db"
 
-echo "writing the batch input ($N mailboxes)..." >&2
-python3 - "$N" > "$W/batch" <<'PY'
+echo "$1: writing the batch input ($N mailboxes)..." >&2
+python3 - "$N" "$1" > "$W/batch" <<'PY'
 import sys
 n = int(sys.argv[1])
+murder = sys.argv[2] == "murder"
 out = sys.stdout.buffer
 def lit(b):
     return b"{%d+}\r\n" % len(b) + b
@@ -65,6 +80,10 @@ for i in range(n):
     dbname = b"user\x1f" + uname + (b"" if f == 0 else b"\x1f" + folders[f])
     uid = b"5eed0000-0000-4000-8000-%012x" % i
     acl = b"%(" + uname + b" lrswipkxtecdan anyone lrs)"
+    if murder:
+        nval = b"%(T er P default S " + b"backend%02d" % (user % 10) + b" M 1700000000 A " + acl + b")"
+        out.write(b"SET " + lit(b"N" + dbname) + b" " + lit(nval) + b"\n")
+        continue
     common = b" P default V %d C %d F %d M 1700000000 A " % (1690000000 + i, i % 1000 + 1, i % 100000 + 1)
     nval = b"%(T e I " + uid + common + acl + b")"
     ival = b"%(T e N " + dbname + common + acl + b" H ())"
@@ -99,8 +118,9 @@ if cmp -s <("$BIN" kv "$DB") <("$BIN" kv "$W/export.db"); then RT=identical; els
 row() { # label elapsed rss_kb
     printf '%-44s %10s s %10.1f MB\n' "$1" "$2" "$(echo "$3 / 1024" | bc -l)"
 }
+if [ "$1" = murder ]; then RECS=$N; else RECS=$((2 * N)); fi
 echo
-echo "mboxlist on $N mailboxes ($((2 * N)) records, $SIZE-byte twoskip written by cyr_dbtool), $(nproc) cores"
+echo "$1 variant: mboxlist on $N mailboxes ($RECS records, $SIZE-byte twoskip written by cyr_dbtool), $(nproc) cores"
 printf '%-44s %12s %13s\n' "step" "elapsed" "peak RSS"
 set -- $R1; row "mboxlist dump (ours)" "$2" "$3"
 set -- $R2; row "ctl_mboxlist -d (Cyrus 3.6.1)" "$2" "$3"
@@ -109,3 +129,7 @@ set -- $R3; row "mboxlist import -> LMDB" "$2" "$3"
 echo "  store: $STORE bytes"
 set -- $R4; row "mboxlist export -> twoskip" "$2" "$3"
 echo "  records of export vs original: $RT"
+cleanup
+}
+
+for v in $VARIANTS; do run_variant "$v"; done
