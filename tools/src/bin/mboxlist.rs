@@ -67,6 +67,8 @@ enum Cmd {
     },
     /// Build a new mailboxes.db OUT from a dump on stdin, like `ctl_mboxlist -u [-L]`:
     /// 3.x JSON, 3.5-dev lines with -L, or 2.x/3.4 `-d` lines (bits translated to 3.6).
+    /// Memory stays constant: the dump is read in passes (a pipe is first copied to a
+    /// temporary file) and the records are sorted through temporary files, in TMPDIR.
     Undump {
         /// Read 3.5-dev `-d` lines (`ctl_mboxlist -u -L`, numbers in 3.6 bits).
         #[arg(short = 'L')]
