@@ -816,8 +816,9 @@ impl DbReader {
     ///
     /// `Ok(false)` leaves the reader where it was: the backend has no such search here
     /// (skiplist, flat), [`ReadOptions::unordered`] is on, or the order is not known yet
-    /// and the orders the file may be in rank keys differently against `key` (`N`, any key
-    /// of bytes `/` and above below 0x80, ranks alike in twoskip's raw and mbox orders).
+    /// and the orders the file may be in rank keys differently against `key` (a key whose
+    /// bytes are all `/` or above, such as `N`, ranks alike in twoskip's raw and mbox
+    /// orders).
     /// Never moves backwards: when the last record read is already at or past `key` it
     /// does nothing and returns `Ok(true)`.
     pub fn seek(&mut self, key: &[u8]) -> Result<bool, DbError> {

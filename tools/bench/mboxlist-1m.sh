@@ -18,12 +18,12 @@
 # python3, cargo. Env: CARGO_TARGET_DIR (default /work/target-bench), KEEP=1 keeps the temp
 # dir.
 #
-# Measured on the project's 2-core machine kind (release build, 1M mailboxes = 2M records,
-# 408 MB file): mboxlist dump 3.08 s / 393 MB peak RSS vs ctl_mboxlist -d 14.94 s / 208 MB
-# (outputs identical, 327 MB); import 6.40 s / 445 MB (store 487 MB); export 7.21 s / 475 MB;
-# export records identical to the original. The RSS is the mapped file: our reader maps the
-# whole file and walks every record (the I records too), where ctl_mboxlist -d searches to
-# the first `N` key and touches only the N half of the pages.
+# Measured on the project's 2-core machine kind (release build; last run in
+# mboxlist-1m-last-run.txt): murder file (1M records, 145 MB) mboxlist dump 1.03 s / 9.6 MB
+# peak RSS vs ctl_mboxlist -d 12.73 s / 153.9 MB; backend file (2M records, 408 MB) 1.17 s /
+# 9.4 MB vs 14.21 s / 208.6 MB; outputs identical; import 4.53 s and 6.42 s. The dump seeks
+# to the first `N` key along the skip pointers (as ctl_mboxlist -d does) and hands the pages
+# it has read back to the kernel as it goes, so its RSS does not grow with the file.
 set -euo pipefail
 
 VARIANT=both
