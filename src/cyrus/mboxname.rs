@@ -81,7 +81,14 @@ pub fn from_dbname_into(dbname: &[u8], out: &mut Vec<u8>) {
             out.push(b'!');
             &dbname[gs + 1..]
         }
-        None => dbname,
+        None => {
+            // A `!` in a name of the default domain: write the (empty) domain so the name
+            // reads back as this key and not as a domain-qualified one.
+            if dbname.contains(&b'!') {
+                out.push(b'!');
+            }
+            dbname
+        }
     };
     out.extend(rest.iter().map(|&b| match b {
         HIER_SEP => b'.',
@@ -353,6 +360,9 @@ mod tests {
             );
         }
         assert_eq!(to_dbname(b"d.com!user..x").unwrap(), b"d.com\x1Duser\x1Fx");
+        // `!!`: the default (empty) domain and a local part `!`; its name reads back.
+        assert_eq!(to_dbname(b"!!").unwrap(), b"!");
+        assert_eq!(from_dbname(b"!"), b"!!");
     }
 
     proptest::proptest! {

@@ -800,20 +800,16 @@ pub fn export(ui: &Ui, a: ExportArgs) -> Result<()> {
             written.with_context(ctx)?;
             counts?
         } else {
-            let mut all = Vec::new();
+            // Another key order than the store's: sort through bounded memory and temp files.
+            let mut sorted = mupdate::cyrus::dump::SortSpill::new(backend.default_order());
+            let mut n = 0u64;
             let counts = export_records(ui, &store, |k, v| {
-                all.push((k, v));
-                progress.tick(all.len() as u64);
-                Ok(())
+                n += 1;
+                progress.tick(n);
+                sorted.push(k, v).map_err(anyhow::Error::from)
             })?;
-            all.sort_by(|x, y| db::compare(backend, &x.0, &y.0));
-            db::write(
-                &a.out,
-                backend,
-                all.into_iter().map(Ok::<_, io::Error>),
-                &opts,
-            )
-            .with_context(ctx)?;
+            let records = sorted.finish().context("sorting the records")?;
+            db::write(&a.out, backend, records, &opts).with_context(ctx)?;
             counts
         }
     };
