@@ -6,29 +6,16 @@
 //! output is deterministic; they fail loudly when Cyrus or gcc is missing, unless
 //! `MUPDATE_SKIP_CYRUS=1`.
 
+mod common;
+
+use common::cyrus::require_cyrus;
+use common::sandbox::{copy_rw, fx, same, Sandbox, T0};
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output, Stdio};
 
 const BIN: &str = env!("CARGO_BIN_EXE_mboxlist");
 const BACKENDS: [&str; 3] = ["twoskip", "skiplist", "flat"];
-/// The shim's default `time()`, also the fixtures' `M`.
-const T0: i64 = 1_700_000_000;
-
-fn fixtures() -> PathBuf {
-    if let Some(p) = std::env::var_os("MUPDATE_FIXTURES") {
-        return PathBuf::from(p);
-    }
-    let repo = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/cyrus-3.6");
-    if repo.is_dir() {
-        return repo;
-    }
-    PathBuf::from("/work/shared/fixtures/cyrus-3.6")
-}
-
-fn fx(rel: &str) -> PathBuf {
-    fixtures().join(rel)
-}
 
 fn read(p: &Path) -> Vec<u8> {
     std::fs::read(p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
@@ -73,22 +60,8 @@ fn ok(args: &[&str], stdin: Option<&[u8]>) -> Vec<u8> {
 }
 
 #[track_caller]
-fn same(got: &[u8], want: &[u8], what: &str) {
-    if got != want {
-        let g = String::from_utf8_lossy(got);
-        let w = String::from_utf8_lossy(want);
-        let line = g.lines().zip(w.lines()).position(|(a, b)| a != b);
-        panic!(
-            "{what}: output differs (first differing line {line:?})\n got: {:?}\nwant: {:?}",
-            line.and_then(|i| g.lines().nth(i)),
-            line.and_then(|i| w.lines().nth(i))
-        );
-    }
-}
-
 // ------------------------------------------------------------------------------------------
 // Fixtures only.
-
 #[test]
 fn dump_and_kv_of_every_fixture_are_byte_exact() {
     let mut cases: Vec<(String, &str, String)> = Vec::new();
@@ -315,144 +288,6 @@ fn without_tombstones(dump: &[u8]) -> Vec<u8> {
 
 // ------------------------------------------------------------------------------------------
 // Against the real Cyrus tools.
-
-fn require_cyrus() -> bool {
-    if std::env::var("MUPDATE_SKIP_CYRUS").as_deref() == Ok("1") {
-        eprintln!("MUPDATE_SKIP_CYRUS=1: skipping a test that needs Cyrus 3.6.1");
-        return false;
-    }
-    for b in ["ctl_mboxlist", "cyr_dbtool"] {
-        let p = Path::new("/usr/lib/cyrus/bin").join(b);
-        assert!(
-            p.is_file(),
-            "{} missing: install cyrus-common (or set MUPDATE_SKIP_CYRUS=1)",
-            p.display()
-        );
-    }
-    true
-}
-
-/// A throw-away Cyrus configuration like the fixtures' sandboxes, plus the time shim.
-struct Sandbox {
-    dir: tempfile::TempDir,
-    shim: PathBuf,
-}
-
-fn cyrus_ids() -> Option<(u32, u32)> {
-    let name = std::ffi::CString::new("cyrus").unwrap();
-    // SAFETY: getpwnam returns NULL or a pointer to static storage, read at once.
-    unsafe {
-        let pw = libc::getpwnam(name.as_ptr());
-        (!pw.is_null()).then(|| ((*pw).pw_uid, (*pw).pw_gid))
-    }
-}
-
-fn chown_tree(p: &Path, uid: u32, gid: u32) {
-    std::os::unix::fs::lchown(p, Some(uid), Some(gid)).unwrap();
-    if p.is_dir() {
-        for e in std::fs::read_dir(p).unwrap() {
-            chown_tree(&e.unwrap().path(), uid, gid);
-        }
-    }
-}
-
-impl Sandbox {
-    fn new(backend: &str) -> Sandbox {
-        let dir = tempfile::tempdir().unwrap();
-        let d = dir.path();
-        for sub in ["conf/db", "part", "p2"] {
-            std::fs::create_dir_all(d.join(sub)).unwrap();
-        }
-        std::fs::write(
-            d.join("imapd.conf"),
-            format!(
-                "configdirectory: {0}/conf\npartition-default: {0}/part\npartition-p2: {0}/p2\n\
-                 defaultpartition: default\nvirtdomains: userid\nunixhierarchysep: no\n\
-                 altnamespace: no\nmboxlist_db: {backend}\nmboxname_lockpath: {0}/conf/lock\n\
-                 proc_path: {0}/conf/proc\n",
-                d.display()
-            ),
-        )
-        .unwrap();
-        std::fs::write(d.join("conf/db/skipstamp"), (T0 as u32).to_be_bytes()).unwrap();
-        let shim = d.join("cyrfix_shim.so");
-        let st = Command::new("gcc")
-            .args(["-O2", "-shared", "-fPIC", "-o"])
-            .arg(&shim)
-            .arg(fx("tools/cyrfix_shim.c"))
-            .status()
-            .expect("gcc is needed to build the fixtures' time shim");
-        assert!(st.success(), "building the shim failed");
-        Sandbox { dir, shim }
-    }
-
-    fn conf(&self) -> PathBuf {
-        self.dir.path().join("imapd.conf")
-    }
-
-    fn db(&self) -> PathBuf {
-        self.dir.path().join("conf/mailboxes.db")
-    }
-
-    /// Run a Cyrus tool (as `cyrus` when root) with the shim.
-    fn cyrus(&self, tool: &str, args: &[&str], stdin: &[u8]) -> Output {
-        #[cfg(unix)]
-        use std::os::unix::process::CommandExt;
-        if let Some((uid, gid)) = cyrus_ids() {
-            if unsafe { libc::getuid() } == 0 {
-                chown_tree(self.dir.path(), uid, gid);
-            }
-        }
-        let mut c = Command::new(Path::new("/usr/lib/cyrus/bin").join(tool));
-        c.arg("-C").arg(self.conf()).args(args);
-        c.env("LD_PRELOAD", &self.shim)
-            .env("CYRFIX_TIME", T0.to_string());
-        c.env("LC_ALL", "C").env("TZ", "UTC");
-        if unsafe { libc::getuid() } == 0 {
-            if let Some((uid, gid)) = cyrus_ids() {
-                c.uid(uid).gid(gid).env("HOME", "/tmp");
-            }
-        }
-        let mut child = c
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap_or_else(|e| panic!("spawn {tool}: {e}"));
-        child.stdin.take().unwrap().write_all(stdin).unwrap();
-        let o = child.wait_with_output().unwrap();
-        assert!(
-            o.status.success(),
-            "{tool} {args:?}: {}\n{}",
-            o.status,
-            String::from_utf8_lossy(&o.stderr)
-        );
-        o
-    }
-
-    /// `ctl_mboxlist -d [-y]` of a copy of `file`.
-    fn dump_of(&self, file: &Path, y: bool) -> Vec<u8> {
-        copy_rw(file, &self.db());
-        self.cyrus("ctl_mboxlist", if y { &["-d", "-y"] } else { &["-d"] }, b"")
-            .stdout
-    }
-
-    /// `cyr_dbtool … batch` `SHOW ""` of a copy of `file`.
-    fn kv_of(&self, file: &Path, backend: &str) -> Vec<u8> {
-        let copy = self.dir.path().join("conf/kvcopy.db");
-        copy_rw(file, &copy);
-        let c = copy.to_str().unwrap().to_owned();
-        self.cyrus("cyr_dbtool", &[&c, backend, "batch"], b"SHOW \"\"\n")
-            .stdout
-    }
-}
-
-/// Copy a (possibly read-only) file into a sandbox where Cyrus may open it read-write.
-fn copy_rw(from: &Path, to: &Path) {
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::copy(from, to).unwrap();
-    std::fs::set_permissions(to, std::fs::Permissions::from_mode(0o644)).unwrap();
-}
 
 #[test]
 fn cyrus_reads_our_undump_of_the_fixtures() {

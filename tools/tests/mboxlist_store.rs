@@ -6,6 +6,7 @@
 mod common;
 
 use common::cyrus::{self as cyr, CyrusMaster, CyrusOpts};
+use common::sandbox::{fx, same, Sandbox, T0};
 use common::{Entry, Kind, MasterUnderTest, MupdateClient, OurMaster};
 use mupdate::cyrus::db::{self, Backend, WriteOptions};
 use mupdate::cyrus::entry::{self, mbtype, Entry as CyrusEntry, FormerName};
@@ -18,24 +19,8 @@ use std::time::{Duration, Instant};
 
 const BIN: &str = env!("CARGO_BIN_EXE_mboxlist");
 const MUPDATED: &str = env!("CARGO_BIN_EXE_mupdated");
-const T0: i64 = 1_700_000_000;
 const USER: &str = "admin";
 const PASSWORD: &str = "store-test-pw";
-
-fn fixtures() -> PathBuf {
-    if let Some(p) = std::env::var_os("MUPDATE_FIXTURES") {
-        return PathBuf::from(p);
-    }
-    let repo = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/cyrus-3.6");
-    if repo.is_dir() {
-        return repo;
-    }
-    PathBuf::from("/work/shared/fixtures/cyrus-3.6")
-}
-
-fn fx(rel: &str) -> PathBuf {
-    fixtures().join(rel)
-}
 
 fn p(path: &Path) -> &str {
     path.to_str().unwrap()
@@ -66,22 +51,6 @@ fn ok(args: &[&str]) -> Vec<u8> {
 }
 
 #[track_caller]
-fn same(got: &[u8], want: &[u8], what: &str) {
-    if got != want {
-        let g = String::from_utf8_lossy(got);
-        let w = String::from_utf8_lossy(want);
-        let line = g.lines().zip(w.lines()).position(|(a, b)| a != b);
-        panic!(
-            "{what}: output differs ({} vs {} bytes, first differing line {line:?})\n got: \
-             {:?}\nwant: {:?}",
-            got.len(),
-            want.len(),
-            line.and_then(|i| g.lines().nth(i)),
-            line.and_then(|i| w.lines().nth(i))
-        );
-    }
-}
-
 fn tmp() -> tempfile::TempDir {
     tempfile::Builder::new()
         .prefix("mboxlist-store-")
@@ -719,88 +688,6 @@ fn diff_against_a_served_store() {
 
 fn require_cyrus() -> bool {
     cyr::require_cyrus()
-}
-
-/// A throw-away Cyrus configuration like the fixtures' sandboxes, plus the time shim.
-struct Sandbox {
-    dir: tempfile::TempDir,
-    shim: PathBuf,
-}
-
-fn chown_tree(path: &Path, uid: u32, gid: u32) {
-    std::os::unix::fs::lchown(path, Some(uid), Some(gid)).unwrap();
-    if path.is_dir() {
-        for e in std::fs::read_dir(path).unwrap() {
-            chown_tree(&e.unwrap().path(), uid, gid);
-        }
-    }
-}
-
-impl Sandbox {
-    fn new(backend: &str) -> Sandbox {
-        let dir = tempfile::tempdir().unwrap();
-        let d = dir.path();
-        for sub in ["conf/db", "part", "p2"] {
-            std::fs::create_dir_all(d.join(sub)).unwrap();
-        }
-        std::fs::write(
-            d.join("imapd.conf"),
-            format!(
-                "configdirectory: {0}/conf\npartition-default: {0}/part\npartition-p2: {0}/p2\n\
-                 defaultpartition: default\nvirtdomains: userid\nunixhierarchysep: no\n\
-                 altnamespace: no\nmboxlist_db: {backend}\nmboxname_lockpath: {0}/conf/lock\n\
-                 proc_path: {0}/conf/proc\n",
-                d.display()
-            ),
-        )
-        .unwrap();
-        std::fs::write(d.join("conf/db/skipstamp"), (T0 as u32).to_be_bytes()).unwrap();
-        let shim = d.join("cyrfix_shim.so");
-        let st = Command::new("gcc")
-            .args(["-O2", "-shared", "-fPIC", "-o"])
-            .arg(&shim)
-            .arg(fx("tools/cyrfix_shim.c"))
-            .status()
-            .expect("gcc is needed to build the fixtures' time shim");
-        assert!(st.success(), "building the shim failed");
-        Sandbox { dir, shim }
-    }
-
-    /// `ctl_mboxlist -d [-y]` of a copy of `file`.
-    fn dump_of(&self, file: &Path, y: bool) -> Vec<u8> {
-        use std::os::unix::fs::PermissionsExt;
-        use std::os::unix::process::CommandExt;
-        let db = self.dir.path().join("conf/mailboxes.db");
-        std::fs::copy(file, &db).unwrap();
-        std::fs::set_permissions(&db, std::fs::Permissions::from_mode(0o644)).unwrap();
-        let root = unsafe { libc::getuid() } == 0;
-        let ids = cyr::cyrus_ids();
-        if let (true, Some((uid, gid))) = (root, ids) {
-            chown_tree(self.dir.path(), uid, gid);
-        }
-        let mut c = Command::new("/usr/lib/cyrus/bin/ctl_mboxlist");
-        c.arg("-C")
-            .arg(self.dir.path().join("imapd.conf"))
-            .arg("-d");
-        if y {
-            c.arg("-y");
-        }
-        c.env("LD_PRELOAD", &self.shim)
-            .env("CYRFIX_TIME", T0.to_string())
-            .env("LC_ALL", "C")
-            .env("TZ", "UTC");
-        if let (true, Some((uid, gid))) = (root, ids) {
-            c.uid(uid).gid(gid).env("HOME", "/tmp");
-        }
-        let o = c.stdin(Stdio::null()).output().unwrap();
-        assert!(
-            o.status.success(),
-            "ctl_mboxlist -d: {}\n{}",
-            o.status,
-            String::from_utf8_lossy(&o.stderr)
-        );
-        o.stdout
-    }
 }
 
 #[test]

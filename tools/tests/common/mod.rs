@@ -10,6 +10,7 @@
 #![allow(dead_code)]
 
 pub mod cyrus;
+pub mod sandbox;
 
 use std::fmt;
 use std::io::{self, BufRead, BufReader, Read, Write};
