@@ -755,13 +755,8 @@ pub fn open_as(path: impl AsRef<Path>, backend: Backend) -> Result<DbReader, DbE
     open_with(path, Some(backend), &ReadOptions::default())
 }
 
-/// Opens `path` as `backend` (detected when `None`) with `options`.
-pub fn open_with(
-    path: impl AsRef<Path>,
-    backend: Option<Backend>,
-    options: &ReadOptions,
-) -> Result<DbReader, DbError> {
-    let path = path.as_ref();
+/// Maps `path` and settles its backend (detected from the bytes when `None`).
+fn map_as(path: &Path, backend: Option<Backend>) -> Result<(Map, Backend), DbError> {
     let map = Map::open(path)?;
     let backend = match backend {
         Some(b) => b,
@@ -770,6 +765,17 @@ pub fn open_with(
             what,
         })?,
     };
+    Ok((map, backend))
+}
+
+/// Opens `path` as `backend` (detected when `None`) with `options`.
+pub fn open_with(
+    path: impl AsRef<Path>,
+    backend: Option<Backend>,
+    options: &ReadOptions,
+) -> Result<DbReader, DbError> {
+    let path = path.as_ref();
+    let (map, backend) = map_as(path, backend)?;
     Ok(match backend {
         Backend::Twoskip => DbReader::Twoskip(twoskip::Reader::from_map(path, map, options)?),
         Backend::Skiplist => DbReader::Skiplist(skiplist::Reader::from_map(path, map, options)?),
@@ -962,14 +968,7 @@ pub fn check_with(
     options: &ReadOptions,
 ) -> Result<CheckReport, DbError> {
     let path = path.as_ref();
-    let map = Map::open(path)?;
-    let backend = match backend {
-        Some(b) => b,
-        None => detect_bytes(map.bytes()).map_err(|what| DbError::Unrecognized {
-            path: path.to_owned(),
-            what,
-        })?,
-    };
+    let (map, backend) = map_as(path, backend)?;
     let order = options.order.unwrap_or(backend.default_order());
     let mut problems = Vec::new();
     // Structure first (backend specific), then what a reader yields.
